@@ -1,0 +1,1 @@
+"""knox_server: the central Knox v0 API server."""

@@ -1,0 +1,1 @@
+"""knoxctl: the operator CLI (Knox key commands and daemon inspection)."""

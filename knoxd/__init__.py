@@ -1,0 +1,1 @@
+"""knoxd: the per-host Knox daemon (cache, upstream refresher, socket API)."""

@@ -1,0 +1,1 @@
+"""The encrypted on-disk cache and its in-memory view."""

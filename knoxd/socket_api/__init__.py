@@ -1,0 +1,1 @@
+"""The Unix socket listeners, peer credentials, local policy, request handlers."""

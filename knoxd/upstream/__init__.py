@@ -1,0 +1,1 @@
+"""Identities, the v0 upstream client wiring, the refresher."""
