@@ -1,0 +1,443 @@
+"""The SQLite :class:`~knox_server.store.KeyStore`: the embedded, single-node default.
+
+One table, one row per key::
+
+    knox_keys(id TEXT PRIMARY KEY, acl TEXT, hash TEXT, versions BLOB, row_version INTEGER)
+
+``acl`` is the ACL in Knox's JSON form (readable with the ``sqlite3`` shell), ``versions`` the
+version list in the compact msgpack form of :func:`encode_versions` (each version's data stays
+sealed). ``row_version`` comes from a counter shared by all rows, so it only ever grows: a key
+deleted and created again never gets a row version an old reader holds, and a stale update fails.
+
+One connection (``check_same_thread=False``) serves the store, behind a :class:`trio.Lock`, every
+call in :func:`trio.to_thread.run_sync`; a cancelled caller waits for its statement to finish, so
+the connection is never left mid-transaction. The file is in WAL mode with ``synchronous=FULL``
+(a returned write is on disk). Another process may use the same file (e.g. an offline re-wrap);
+writers wait up to ``busy_timeout`` for each other.
+
+The column codecs (:func:`encode_acl`, :func:`decode_acl`, :func:`encode_versions`,
+:func:`decode_versions`, :func:`decode_row`) are backend-neutral, so the PostgreSQL backend stores
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgpack
+import trio
+
+from knox.errors import ConcurrentChangeError, InternalError, KeyExistsError, KeyNotFoundError
+from knox.model import ACL, PrincipalType, VersionStatus
+from knox.wire import WireError, acl_from_obj, acl_to_obj, decode_json, dumps
+from knox_server.store import KeyMeta, StoredKey, StoredVersion
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "ColumnFormatError",
+    "CorruptRowError",
+    "SQLiteKeyStore",
+    "decode_acl",
+    "decode_meta",
+    "decode_row",
+    "decode_versions",
+    "encode_acl",
+    "encode_versions",
+]
+
+APPLICATION_ID = 0x4B4E5853  # "KNXS", so a knoxd cache or another program's file is recognised
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 5.0
+# Well under SQLite's default limit of 32766 host parameters per statement.
+_IN_CHUNK = 500
+_ACL_CACHE_SIZE = 4096
+_U64_MAX = 2**64 - 1
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_STATUSES = {s.value: s for s in VersionStatus}
+
+_SCHEMA = (
+    """CREATE TABLE knox_keys (
+        id TEXT PRIMARY KEY NOT NULL,
+        acl TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        versions BLOB NOT NULL,
+        row_version INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE knox_counter (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 0),
+        last_row_version INTEGER NOT NULL
+    )""",
+    "INSERT INTO knox_counter VALUES (0, 0)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_T = TypeVar("_T")
+
+
+class ColumnFormatError(ValueError):
+    """A column value that does not encode or decode; the message says which part and why."""
+
+
+class CorruptRowError(InternalError):
+    """A stored row that does not decode. The message names the key and the column only."""
+
+
+# --- backend-neutral column codecs ------------------------------------------------------------
+
+
+def encode_acl(acl: ACL) -> str:
+    """The ACL as Knox's JSON array text."""
+    return dumps(acl_to_obj(acl)).decode("utf-8")
+
+
+@functools.lru_cache(maxsize=_ACL_CACHE_SIZE)
+def _decode_acl_cached(text: str) -> ACL:
+    acl = acl_from_obj(decode_json(text, "acl"))
+    if any(e.type is PrincipalType.UNKNOWN for e in acl):
+        raise WireError("acl: unknown principal type")
+    return acl
+
+
+def decode_acl(text: str) -> ACL:
+    """Inverse of :func:`encode_acl`; raises :class:`~knox.wire.WireError` on malformed text.
+
+    Results are memoised by text: the change-check route decodes the same few ACLs constantly.
+    """
+    return _decode_acl_cached(text)
+
+
+def encode_versions(versions: Iterable[StoredVersion]) -> bytes:
+    """The version list as msgpack: an array of ``[id, status, ts, sealed]`` arrays, in order.
+
+    Raises :class:`ColumnFormatError` if an id is not a u64 or a ts not an i64 (they would not
+    decode).
+    """
+    items = []
+    for i, v in enumerate(versions):
+        if not 0 <= v.id <= _U64_MAX:
+            raise ColumnFormatError(f"version {i}: id is not a 64-bit unsigned integer")
+        if not _I64_MIN <= v.ts <= _I64_MAX:
+            raise ColumnFormatError(f"version {i}: ts is not a 64-bit signed integer")
+        items.append([v.id, v.status.value, v.ts, v.sealed])
+    packed = msgpack.packb(items, use_bin_type=True)
+    assert isinstance(packed, bytes)
+    return packed
+
+
+def decode_versions(raw: bytes) -> tuple[StoredVersion, ...]:
+    """Inverse of :func:`encode_versions`; :class:`ColumnFormatError` on anything malformed."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise ColumnFormatError(f"not msgpack ({type(e).__name__})") from None
+    if not isinstance(obj, list):
+        raise ColumnFormatError("expected an array of versions")
+    versions = []
+    for i, item in enumerate(obj):
+        if not (isinstance(item, list) and len(item) == 4):
+            raise ColumnFormatError(f"version {i}: expected a 4-element array")
+        vid, status, ts, sealed = item
+        if type(vid) is not int or not 0 <= vid <= _U64_MAX:
+            raise ColumnFormatError(f"version {i}: bad id")
+        if not isinstance(status, str) or status not in _STATUSES:
+            raise ColumnFormatError(f"version {i}: bad status")
+        if type(ts) is not int or not _I64_MIN <= ts <= _I64_MAX:
+            raise ColumnFormatError(f"version {i}: bad ts")
+        if not isinstance(sealed, bytes):
+            raise ColumnFormatError(f"version {i}: sealed data is not bytes")
+        versions.append(StoredVersion(id=vid, sealed=sealed, status=_STATUSES[status], ts=ts))
+    return tuple(versions)
+
+
+def decode_row(
+    key_id: str, acl: object, hash_: object, versions: object, row_version: object
+) -> StoredKey:
+    """A :class:`StoredKey` from raw column values; :class:`CorruptRowError` naming the key and the
+    column if any does not decode."""
+    return StoredKey(
+        id=key_id,
+        acl=_decode_acl_column(key_id, acl),
+        versions=_decode_versions_column(key_id, versions),
+        hash=_decode_hash_column(key_id, hash_),
+        row_version=_decode_row_version_column(key_id, row_version),
+    )
+
+
+def decode_meta(key_id: str, acl: object, hash_: object) -> KeyMeta:
+    """A :class:`KeyMeta` from raw column values; :class:`CorruptRowError` as :func:`decode_row`."""
+    return KeyMeta(hash=_decode_hash_column(key_id, hash_), acl=_decode_acl_column(key_id, acl))
+
+
+def _decode_acl_column(key_id: str, value: object) -> ACL:
+    if not isinstance(value, str):
+        raise CorruptRowError(f"stored key {key_id}: acl column is not text")
+    try:
+        return decode_acl(value)
+    except WireError as e:
+        raise CorruptRowError(f"stored key {key_id}: acl column does not decode ({e})") from None
+
+
+def _decode_versions_column(key_id: str, value: object) -> tuple[StoredVersion, ...]:
+    if not isinstance(value, bytes):
+        raise CorruptRowError(f"stored key {key_id}: versions column is not a blob")
+    try:
+        return decode_versions(value)
+    except ColumnFormatError as e:
+        raise CorruptRowError(f"stored key {key_id}: versions column: {e}") from None
+
+
+def _decode_hash_column(key_id: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise CorruptRowError(f"stored key {key_id}: hash column is not text")
+    return value
+
+
+def _decode_row_version_column(key_id: str, value: object) -> int:
+    if type(value) is not int:
+        raise CorruptRowError(f"stored key {key_id}: row_version column is not an integer")
+    return value
+
+
+# --- the SQLite shell --------------------------------------------------------------------------
+
+
+class SQLiteKeyStore:
+    """A :class:`~knox_server.store.KeyStore` in one SQLite file. Create with :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._path = path
+        self._lock = trio.Lock()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"SQLiteKeyStore({str(self._path)!r}, {state})"
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> SQLiteKeyStore:
+        """Open (creating if needed, mode 0600) the database at ``path`` and its schema.
+
+        Raises :class:`~knox.errors.InternalError` with a message naming the file if it cannot be
+        opened, is not an SQLite database, belongs to another application, has a schema version
+        this code does not know, or cannot use WAL mode.
+        """
+        target = Path(path)
+        conn = await trio.to_thread.run_sync(_connect, target)
+        return cls(conn, target)
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await trio.to_thread.run_sync(conn.close)
+
+    async def get(self, key_id: str) -> StoredKey | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT id, acl, hash, versions, row_version FROM knox_keys WHERE id = ?",
+                (key_id,),
+            ).fetchone()
+        )
+        return None if row is None else decode_row(*row)
+
+    async def meta(self, key_ids: Sequence[str] | None = None) -> dict[str, KeyMeta]:
+        if key_ids is None:
+            rows = await self._run(
+                lambda c: c.execute("SELECT id, acl, hash FROM knox_keys").fetchall()
+            )
+        else:
+            wanted = list(dict.fromkeys(key_ids))
+            if not wanted:
+                return {}
+            rows = await self._run(lambda c: _select_meta(c, wanted))
+        return {key_id: decode_meta(key_id, acl, hash_) for key_id, acl, hash_ in rows}
+
+    async def add(self, key: StoredKey) -> StoredKey:
+        acl, versions = _encode_columns(key)
+
+        def insert(c: sqlite3.Connection) -> int | None:
+            with _transaction(c):
+                row_version = _next_row_version(c)
+                try:
+                    c.execute(
+                        "INSERT INTO knox_keys (id, acl, hash, versions, row_version) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (key.id, acl, key.hash, versions, row_version),
+                    )
+                except sqlite3.IntegrityError as e:
+                    if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+                        return None
+                    raise
+            return row_version
+
+        row_version = await self._run(insert)
+        if row_version is None:
+            raise KeyExistsError(f"Key {key.id} already exists")
+        return replace(key, row_version=row_version)
+
+    async def update(self, key: StoredKey) -> StoredKey:
+        acl, versions = _encode_columns(key)
+
+        def update(c: sqlite3.Connection) -> int | bool:
+            with _transaction(c):
+                row_version = _next_row_version(c)
+                cur = c.execute(
+                    "UPDATE knox_keys SET acl = ?, hash = ?, versions = ?, row_version = ? "
+                    "WHERE id = ? AND row_version = ?",
+                    (acl, key.hash, versions, row_version, key.id, key.row_version),
+                )
+                if cur.rowcount == 1:
+                    return row_version
+                exists = c.execute("SELECT 1 FROM knox_keys WHERE id = ?", (key.id,)).fetchone()
+                # Nothing changed: end the transaction without moving the counter.
+                c.execute("ROLLBACK")
+                return exists is not None
+
+        result = await self._run(update)
+        if result is True:
+            raise ConcurrentChangeError(f"Key {key.id} changed concurrently; re-read and retry")
+        if result is False:
+            raise KeyNotFoundError(f"No such key {key.id}")
+        return replace(key, row_version=result)
+
+    async def delete(self, key_id: str) -> bool:
+        def delete(c: sqlite3.Connection) -> bool:
+            with _transaction(c):
+                return c.execute("DELETE FROM knox_keys WHERE id = ?", (key_id,)).rowcount == 1
+
+        return await self._run(delete)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise InternalError("key store is closed")
+            return await trio.to_thread.run_sync(_guarded, fn, conn)
+
+
+def _encode_columns(key: StoredKey) -> tuple[str, bytes]:
+    try:
+        return encode_acl(key.acl), encode_versions(key.versions)
+    except (ColumnFormatError, WireError) as e:
+        raise InternalError(f"Key {key.id} cannot be stored: {e}") from None
+
+
+def _guarded(fn: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connection) -> _T:
+    """Run ``fn``, turning any SQLite failure into an :class:`InternalError` that names the error
+    class only (SQLite messages can quote values)."""
+    try:
+        return fn(conn)
+    except sqlite3.Error as e:
+        name = getattr(e, "sqlite_errorname", type(e).__name__)
+        raise InternalError(f"SQLite key store: database error {name}") from None
+
+
+class _transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on error. The connection is in autocommit
+    mode (``isolation_level=None``), so transactions are exactly these."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._conn.in_transaction:
+            return
+        if exc_type is None:
+            self._conn.execute("COMMIT")
+        else:
+            self._conn.execute("ROLLBACK")
+
+
+def _next_row_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "UPDATE knox_counter SET last_row_version = last_row_version + 1 RETURNING last_row_version"
+    ).fetchone()
+    if row is None or type(row[0]) is not int:
+        raise CorruptRowError("SQLite key store: the row version counter is missing")
+    value: int = row[0]
+    return value
+
+
+def _select_meta(conn: sqlite3.Connection, key_ids: list[str]) -> list[Any]:
+    if len(key_ids) <= _IN_CHUNK:
+        return _select_meta_chunk(conn, key_ids)
+    # One read transaction, so the chunks see the same snapshot.
+    conn.execute("BEGIN")
+    try:
+        rows: list[Any] = []
+        for start in range(0, len(key_ids), _IN_CHUNK):
+            rows += _select_meta_chunk(conn, key_ids[start : start + _IN_CHUNK])
+    finally:
+        conn.execute("COMMIT")
+    return rows
+
+
+def _select_meta_chunk(conn: sqlite3.Connection, key_ids: list[str]) -> list[Any]:
+    marks = ",".join("?" * len(key_ids))
+    # Only "?" placeholders are formatted into the statement.
+    sql = f"SELECT id, acl, hash FROM knox_keys WHERE id IN ({marks})"  # noqa: S608
+    return conn.execute(sql, key_ids).fetchall()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        # Created here with 0600 (SQLite gives its -wal and -shm files the same mode): the file
+        # holds the ACLs in the clear.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+    except (OSError, sqlite3.Error) as e:
+        reason = e.strerror if isinstance(e, OSError) else type(e).__name__
+        raise InternalError(f"{path}: cannot open key store ({reason})") from None
+    try:
+        _init(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _init(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError:
+        raise InternalError(f"{path}: not an SQLite database") from None
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise InternalError(f"{path}: cannot use WAL mode (journal mode is {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        with _transaction(conn):
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id == 0:
+                if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+                    raise InternalError(f"{path}: is an SQLite database of another program")
+                # Not executescript(): it would commit the open transaction first.
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            elif app_id != APPLICATION_ID:
+                raise InternalError(f"{path}: is an SQLite database of another program")
+            else:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise InternalError(
+                        f"{path}: key store schema version {version} is not supported "
+                        f"(this code knows {SCHEMA_VERSION})"
+                    )
+    except sqlite3.Error as e:
+        name = getattr(e, "sqlite_errorname", type(e).__name__)
+        raise InternalError(f"{path}: cannot open key store (database error {name})") from None
