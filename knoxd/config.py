@@ -1,0 +1,564 @@
+"""knoxd.toml: parse and validate the daemon's configuration into frozen dataclasses.
+
+The file format is the contract in ``knoxd-config.md``. :func:`load_config` checks everything that
+can be checked from the file alone (types, ranges, URLs, identity rules); checks that need the cert
+and key files are in :mod:`knoxd.upstream.identity_files`. Every problem raises
+:class:`ConfigError`, whose message names the file, the line when it can be found, and the
+offending key as a dotted path, with an identity shown by its name (``identity[web].peers.uid``)
+or, before its name is known, by its 1-based position (``identity[#2].name``). Nothing else
+escapes: a bad file never gives a traceback.
+
+Durations are seconds (integers or floats, finite, at most a year). Paths must be absolute, since
+the daemon's working directory is not a meaningful anchor.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from knox.model import is_valid_key_id
+
+__all__ = [
+    "DEFAULT_ADMIN_SOCKET",
+    "DEFAULT_STATE_DIR",
+    "DEFAULT_WORKLOAD_SOCKET",
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "IdentityConfig",
+    "IdentityKind",
+    "PeerSelectors",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_STATE_DIR = Path("/var/lib/knoxd")
+DEFAULT_WORKLOAD_SOCKET = Path("/run/knoxd/knoxd.sock")
+DEFAULT_ADMIN_SOCKET = Path("/run/knoxd-admin/admin.sock")
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SECONDS = 366 * 86400
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+MAX_UNIX_ID = 2**32 - 2  # (uid_t)-1 means "no id" to the kernel
+
+_IDENTITY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
+_GROUP_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,255}")
+_UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.[a-z]+")
+
+
+class ConfigError(Exception):
+    """The configuration file is unusable. ``str(err)`` says where and why.
+
+    ``key`` is the dotted path of the offending key (None for file-level problems) and ``line`` its
+    1-based line in the file, when it could be found.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.line = line
+
+
+class IdentityKind(enum.StrEnum):
+    """How an identity authenticates upstream: ``0t<hostname>`` or ``0s<spiffe id>``."""
+
+    MACHINE = "machine"
+    SPIFFE = "spiffe"
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The ``[daemon]`` table. Durations in seconds."""
+
+    state_dir: Path
+    workload_socket: Path
+    admin_socket: Path
+    admin_group: str | None = None
+    refresh_seconds: float = 60.0
+    revalidate_seconds: float = 600.0
+    max_stale_seconds: float = 0.0
+    idle_timeout_seconds: float = 300.0
+    max_connections: int = 4096
+    max_connections_per_uid: int = 256
+    jitter: float = 0.1
+    backoff_min_seconds: float = 1.0
+    backoff_max_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """The ``[upstream]`` table. ``ca`` None means the system's trust store."""
+
+    urls: tuple[str, ...]
+    ca: Path | None = None
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSelectors:
+    """Which local peers act as an identity; a peer matching any one selector qualifies."""
+
+    uid: tuple[int, ...] = ()
+    gid: tuple[int, ...] = ()
+    group: tuple[str, ...] = ()
+    unit: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.uid or self.gid or self.group or self.unit)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """One ``[[identity]]``. ``hostname`` is None for SPIFFE identities and, for machine identities,
+    when the first DNS SAN of the certificate is to be used."""
+
+    name: str
+    kind: IdentityKind
+    cert: Path
+    key: Path
+    hostname: str | None = None
+    keys: tuple[str, ...] = ()
+    peers: PeerSelectors = field(default_factory=PeerSelectors)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole file. ``identities`` keeps the file's order (the first match wins)."""
+
+    daemon: DaemonConfig
+    upstream: UpstreamConfig
+    identities: tuple[IdentityConfig, ...]
+
+    def identity(self, name: str) -> IdentityConfig | None:
+        return next((i for i in self.identities if i.name == name), None)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a knoxd.toml file. Raises :class:`ConfigError` (never anything else)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, *, source: str = "knoxd.toml") -> Config:
+    """Validate the TOML ``text``; ``source`` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    ctx = _Context(source, text)
+    top = _Table(ctx, data, (), "")
+    top.check_keys({"daemon", "upstream", "identity"})
+    daemon = _daemon(top.table("daemon"))
+    upstream_table = top.table("upstream")
+    if upstream_table is None:
+        raise ctx.error((), "upstream", "the [upstream] table is required")
+    upstream = _upstream(upstream_table)
+    identities = _identities(ctx, data.get("identity"))
+    return Config(daemon=daemon, upstream=upstream, identities=identities)
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+def _daemon(t: _Table | None) -> DaemonConfig:
+    if t is None:
+        return DaemonConfig(
+            state_dir=DEFAULT_STATE_DIR,
+            workload_socket=DEFAULT_WORKLOAD_SOCKET,
+            admin_socket=DEFAULT_ADMIN_SOCKET,
+        )
+    t.check_keys(
+        {
+            "state_dir",
+            "workload_socket",
+            "admin_socket",
+            "admin_group",
+            "refresh_seconds",
+            "revalidate_seconds",
+            "max_stale_seconds",
+            "idle_timeout_seconds",
+            "max_connections",
+            "max_connections_per_uid",
+            "jitter",
+            "backoff_min_seconds",
+            "backoff_max_seconds",
+        }
+    )
+    d = DaemonConfig(
+        state_dir=t.path("state_dir") or DEFAULT_STATE_DIR,
+        workload_socket=t.socket_path("workload_socket", DEFAULT_WORKLOAD_SOCKET),
+        admin_socket=t.socket_path("admin_socket", DEFAULT_ADMIN_SOCKET),
+        admin_group=t.optional_name("admin_group", _GROUP_RE, "a group name"),
+        refresh_seconds=t.seconds("refresh_seconds", 60.0),
+        revalidate_seconds=t.seconds("revalidate_seconds", 600.0),
+        max_stale_seconds=t.seconds("max_stale_seconds", 0.0, allow_zero=True),
+        idle_timeout_seconds=t.seconds("idle_timeout_seconds", 300.0),
+        max_connections=t.integer("max_connections", 4096, 1, 1_000_000),
+        max_connections_per_uid=t.integer("max_connections_per_uid", 256, 1, 1_000_000),
+        jitter=t.fraction("jitter", 0.1),
+        backoff_min_seconds=t.seconds("backoff_min_seconds", 1.0),
+        backoff_max_seconds=t.seconds("backoff_max_seconds", 300.0),
+    )
+    if d.backoff_min_seconds > d.backoff_max_seconds:
+        raise t.error("backoff_min_seconds", "must not be larger than backoff_max_seconds")
+    if d.workload_socket == d.admin_socket:
+        raise t.error("admin_socket", "must differ from workload_socket")
+    return d
+
+
+def _upstream(t: _Table) -> UpstreamConfig:
+    t.check_keys({"urls", "ca", "timeout_seconds"})
+    urls = t.str_list("urls", required=True)
+    if not urls:
+        raise t.error("urls", "must name at least one server")
+    checked = tuple(_check_url(t, i, u) for i, u in enumerate(urls))
+    if len(set(checked)) != len(checked):
+        raise t.error("urls", "lists a server twice")
+    return UpstreamConfig(
+        urls=checked,
+        ca=t.path("ca"),
+        timeout_seconds=t.seconds("timeout_seconds", 10.0),
+    )
+
+
+def _check_url(t: _Table, index: int, url: str) -> str:
+    key = f"urls[{index}]"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise t.error(key, f"{url!r} is not a URL") from None
+    if parts.scheme != "https":
+        raise t.error(key, f"{url!r} must be an https:// URL")
+    if not parts.hostname:
+        raise t.error(key, f"{url!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise t.error(key, f"{url!r} must not carry credentials")
+    if parts.query or parts.fragment:
+        raise t.error(key, f"{url!r} must not have a query or fragment")
+    if port == 0:
+        raise t.error(key, f"{url!r} has port 0")
+    return url.rstrip("/")
+
+
+def _identities(ctx: _Context, raw: Any) -> tuple[IdentityConfig, ...]:
+    if raw is None:
+        raise ctx.error((), "identity", "at least one [[identity]] is required")
+    if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
+        raise ctx.error((), "identity", "expected [[identity]] tables")
+    seen: dict[str, int] = {}
+    out = []
+    for index, table in enumerate(raw):
+        ident = _identity(_Table(ctx, table, ("identity", index), f"identity[#{index + 1}]"))
+        if ident.name in seen:
+            raise ctx.error(
+                ("identity", index),
+                "name",
+                f"{ident.name!r} is already the name of identity #{seen[ident.name] + 1}",
+                label=f"identity[#{index + 1}]",
+            )
+        seen[ident.name] = index
+        out.append(ident)
+    return tuple(out)
+
+
+def _identity(t: _Table) -> IdentityConfig:
+    raw_name = t.data.get("name")
+    if isinstance(raw_name, str) and _IDENTITY_NAME_RE.fullmatch(raw_name):
+        t.label = f"identity[{raw_name}]"
+    t.check_keys({"name", "kind", "cert", "key", "hostname", "keys", "peers"})
+    name = t.string("name", required=True)
+    if not _IDENTITY_NAME_RE.fullmatch(name):
+        raise t.error(
+            "name", f"{name!r}: use 1-64 letters, digits, '_', '.', '-', starting alphanumeric"
+        )
+    kind_text = t.string("kind", required=True)
+    try:
+        kind = IdentityKind(kind_text)
+    except ValueError:
+        raise t.error("kind", f'{kind_text!r}: must be "machine" or "spiffe"') from None
+    cert = t.path("cert")
+    key = t.path("key")
+    if cert is None:
+        raise t.error("cert", "is required")
+    if key is None:
+        raise t.error("key", "is required")
+    hostname = t.optional_name("hostname", _HOSTNAME_RE, "a DNS hostname")
+    if hostname is not None and kind is IdentityKind.SPIFFE:
+        raise t.error("hostname", 'applies only to kind = "machine"')
+    keys = t.str_list("keys")
+    for i, key_id in enumerate(keys):
+        if not is_valid_key_id(key_id):
+            raise t.error(f"keys[{i}]", f"{key_id!r} is not a valid key id")
+    peers_table = t.table("peers")
+    peers = _peers(peers_table) if peers_table is not None else PeerSelectors()
+    if peers.empty:
+        raise t.error("peers", "no peers: set at least one of peers.uid, gid, group, unit")
+    return IdentityConfig(
+        name=name,
+        kind=kind,
+        cert=cert,
+        key=key,
+        hostname=hostname,
+        keys=tuple(dict.fromkeys(keys)),
+        peers=peers,
+    )
+
+
+def _peers(t: _Table) -> PeerSelectors:
+    t.check_keys({"uid", "gid", "group", "unit"})
+    groups = t.str_list("group")
+    for i, g in enumerate(groups):
+        if not _GROUP_RE.fullmatch(g):
+            raise t.error(f"group[{i}]", f"{g!r} is not a group name")
+    units = t.str_list("unit")
+    for i, u in enumerate(units):
+        if not _UNIT_RE.fullmatch(u):
+            raise t.error(f"unit[{i}]", f"{u!r} is not a systemd unit name (e.g. web.service)")
+    return PeerSelectors(
+        uid=tuple(dict.fromkeys(t.int_list("uid", 0, MAX_UNIX_ID))),
+        gid=tuple(dict.fromkeys(t.int_list("gid", 0, MAX_UNIX_ID))),
+        group=tuple(dict.fromkeys(groups)),
+        unit=tuple(dict.fromkeys(units)),
+    )
+
+
+# --- reading typed values, with errors that say where ----------------------------------------
+
+_Path = tuple[str | int, ...]
+_MISSING: Any = object()
+
+
+class _Context:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.text = text
+
+    def error(self, table: _Path, key: str, problem: str, *, label: str = "") -> ConfigError:
+        dotted = f"{label}.{key}" if label else key
+        line = _find_line(self.text, (*table, *_split_index(key)))
+        if line is None and table:
+            # A missing key has no line of its own: point at its table's header instead.
+            line = _find_line(self.text, table)
+        where = f"{self.source}:{line}" if line is not None else self.source
+        return ConfigError(f"{where}: {dotted}: {problem}", key=dotted, line=line)
+
+
+def _split_index(key: str) -> _Path:
+    """``"urls[2]"`` -> ("urls",): a line is found for the array, not for one of its items."""
+    return (key.split("[", 1)[0],)
+
+
+class _Table:
+    """One TOML table being read. ``where`` is its path in the document (for finding lines),
+    ``label`` how messages name it (``daemon``, ``identity[web]``)."""
+
+    def __init__(self, ctx: _Context, data: Mapping[str, Any], where: _Path, label: str) -> None:
+        self.ctx = ctx
+        self.data = data
+        self.where = where
+        self.label = label
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return self.ctx.error(self.where, key, problem, label=self.label)
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise self.error(key, "unknown key")
+
+    def _get(self, key: str, expected: str, required: bool) -> Any:
+        value = self.data.get(key, _MISSING)
+        if value is _MISSING and required:
+            raise self.error(key, f"is required ({expected})")
+        return value
+
+    def table(self, key: str) -> _Table | None:
+        value = self._get(key, "a table", False)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(key, "expected a table")
+        label = f"{self.label}.{key}" if self.label else key
+        return _Table(self.ctx, value, (*self.where, key), label)
+
+    def string(self, key: str, *, required: bool = False) -> str:
+        value = self._get(key, "a string", required)
+        if value is _MISSING:
+            return ""
+        if not isinstance(value, str):
+            raise self.error(key, "expected a string")
+        if not value or "\0" in value:
+            raise self.error(key, "must be a non-empty string without NUL")
+        return value
+
+    def optional_name(self, key: str, pattern: re.Pattern[str], what: str) -> str | None:
+        if key not in self.data:
+            return None
+        value = self.string(key)
+        if not pattern.fullmatch(value):
+            raise self.error(key, f"{value!r} is not {what}")
+        return value
+
+    def path(self, key: str) -> Path | None:
+        if key not in self.data:
+            return None
+        value = Path(self.string(key))
+        if not value.is_absolute():
+            raise self.error(key, f"{str(value)!r} must be an absolute path")
+        return value
+
+    def socket_path(self, key: str, default: Path) -> Path:
+        value = self.path(key) or default
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
+            raise self.error(
+                key, f"too long for a Unix socket (the limit is {MAX_SOCKET_PATH_BYTES} bytes)"
+            )
+        return value
+
+    def _number(self, key: str, default: float) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, "expected a number")
+        if not math.isfinite(value):
+            raise self.error(key, "must be finite")
+        return float(value)
+
+    def seconds(self, key: str, default: float, *, allow_zero: bool = False) -> float:
+        value = self._number(key, default)
+        if value < 0:
+            raise self.error(key, "must not be negative")
+        if value == 0 and not allow_zero:
+            raise self.error(key, "must be more than 0 seconds")
+        if value > MAX_SECONDS:
+            raise self.error(key, f"must be at most {MAX_SECONDS} seconds")
+        return value
+
+    def fraction(self, key: str, default: float) -> float:
+        value = self._number(key, default)
+        if not 0.0 <= value < 1.0:
+            raise self.error(key, "must be a fraction in [0, 1)")
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, "expected an integer")
+        if not lo <= value <= hi:
+            raise self.error(key, f"must be in [{lo}, {hi}]")
+        return value
+
+    def _list(self, key: str, required: bool) -> Sequence[Any]:
+        value = self._get(key, "an array", required)
+        if value is _MISSING:
+            return ()
+        if not isinstance(value, list):
+            raise self.error(key, "expected an array")
+        return value
+
+    def str_list(self, key: str, *, required: bool = False) -> list[str]:
+        items = self._list(key, required)
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item:
+                raise self.error(f"{key}[{i}]", "expected a non-empty string")
+        return list(items)
+
+    def int_list(self, key: str, lo: int, hi: int) -> list[int]:
+        items = self._list(key, False)
+        for i, item in enumerate(items):
+            if isinstance(item, bool) or not isinstance(item, int) or not lo <= item <= hi:
+                raise self.error(f"{key}[{i}]", f"expected an integer in [{lo}, {hi}]")
+        return list(items)
+
+
+# --- finding the line a key is on ------------------------------------------------------------
+#
+# tomllib reports no positions for valid documents, so the line of a key is found by scanning the
+# text: headers set the current table (array-of-tables headers count their occurrences, so the
+# n-th [[identity]] is table ("identity", n-1)), and "key = value" lines define current table +
+# dotted key. The first line whose defined path starts with the wanted path is the answer. Values
+# spanning lines (arrays, multi-line strings) are skipped as well as a line scanner can; keys set
+# through inline tables are not found, and the message then goes without a line.
+
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_ARRAY_HEADER_RE = re.compile(rf"\s*\[\[\s*({_DOTTED})\s*\]\]")
+_TABLE_HEADER_RE = re.compile(rf"\s*\[\s*({_DOTTED})\s*\]")
+_KEY_LINE_RE = re.compile(rf"\s*({_DOTTED})\s*=(.*)")
+_KEY_PART_RE = re.compile(_KEY_PART)
+
+
+def _key_parts(dotted: str) -> list[str]:
+    parts = []
+    for m in _KEY_PART_RE.finditer(dotted):
+        part = m.group(0)
+        if part[0] in "\"'":
+            part = part[1:-1]
+        parts.append(part)
+    return parts
+
+
+def _defined_paths(text: str) -> Iterator[tuple[int, _Path]]:
+    arrays: dict[_Path, int] = {}
+    current: _Path = ()
+    open_string: str | None = None
+
+    def resolve(parts: list[str]) -> _Path:
+        resolved: _Path = ()
+        for part in parts:
+            resolved = (*resolved, part)
+            if resolved in arrays:
+                resolved = (*resolved, arrays[resolved] - 1)
+        return resolved
+
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if open_string is not None:
+            if line.count(open_string) % 2 == 1:
+                open_string = None
+            continue
+        if m := _ARRAY_HEADER_RE.match(line):
+            parts = _key_parts(m.group(1))
+            parent = resolve(parts[:-1])
+            array = (*parent, parts[-1])
+            arrays[array] = arrays.get(array, 0) + 1
+            current = (*array, arrays[array] - 1)
+            yield lineno, current
+        elif m := _TABLE_HEADER_RE.match(line):
+            current = resolve(_key_parts(m.group(1)))
+            yield lineno, current
+        elif m := _KEY_LINE_RE.match(line):
+            yield lineno, (*current, *_key_parts(m.group(1)))
+            for quote in ('"""', "'''"):
+                if m.group(2).count(quote) % 2 == 1:
+                    open_string = quote
+
+
+def _find_line(text: str, wanted: _Path) -> int | None:
+    for lineno, defined in _defined_paths(text):
+        if defined[: len(wanted)] == wanted:
+            return lineno
+    return None
