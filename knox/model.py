@@ -1,13 +1,17 @@
 """Knox's data model: keys, versions, ACLs, principals, the version hash and status transitions.
 
 Everything here is pure: values in, values out, no I/O. The rules are Pinterest Knox's (``knox.go``)
-to the letter, including its error texts, with two deliberate tightenings that cost compatibility
+to the letter, including its error texts, with three deliberate tightenings that cost compatibility
 nothing:
 
 * a :class:`PrincipalType.SERVICE_PREFIX` entry always matches whole path components, even if it was
   stored without its trailing slash (Knox's create route never validated it);
 * a key id longer than :data:`MAX_KEY_ID_LENGTH` is invalid (Knox's SQL schema enforced it
-  silently).
+  silently);
+* an empty MachinePrefix or ServicePrefix entry matches nobody (Knox's plain prefix test matched
+  everyone; its ACL route refuses such entries, its create route did not).
+
+:meth:`PrincipalMux.is_user` looks through every principal, as upstream does since PR #124.
 
 Secret bytes never appear in a ``repr``.
 """
@@ -457,6 +461,7 @@ class PrincipalMux:
         return _highest(p.grant(acl) for _, p in self.principals)
 
     def is_user(self) -> bool:
+        """True if any principal is a :class:`User`."""
         return any(isinstance(p, User) for _, p in self.principals)
 
 

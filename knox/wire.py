@@ -17,6 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,7 @@ _GO_ESCAPES = {
     "\u2028": "\\u2028",
     "\u2029": "\\u2029",
 }
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class WireError(BadRequestDataError):
@@ -81,17 +84,36 @@ class WireError(BadRequestDataError):
 
 
 def dumps(obj: Any) -> bytes:
-    """Serialize like Go's ``json.Marshal`` (compact, HTML-escaped, UTF-8)."""
+    """Serialize like Go's ``json.Marshal`` (compact, HTML-escaped, UTF-8).
+
+    A lone surrogate, which has no UTF-8 form, becomes U+FFFD as Go writes invalid UTF-8.
+    """
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     if any(c in text for c in _GO_ESCAPES):
         text = "".join(_GO_ESCAPES.get(c, c) for c in text)
-    return text.encode("utf-8", "replace")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are Python extensions, not JSON; Go refuses them.
+    raise ValueError(name)
+
+
+def _finite_float(text: str) -> float:
+    # "1e400" would become inf, which nothing can encode again; Go refuses it as out of range.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def decode_json(raw: bytes | str, what: str) -> Any:
-    """Parse JSON text; :class:`WireError` naming ``what`` if it is not JSON."""
+    """Parse strict JSON text; :class:`WireError` naming ``what`` if it is not JSON."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise WireError(f"invalid JSON in {what}") from None
 
@@ -110,6 +132,11 @@ def acl_to_obj(acl: ACL) -> list[dict[str, Any]]:
 
 
 def version_to_obj(v: KeyVersion) -> dict[str, Any]:
+    """Raises :class:`WireError` for an id or timestamp Go's uint64/int64 fields cannot hold."""
+    if not 0 <= v.id <= MAX_UINT64:
+        raise WireError("version id out of uint64 range")
+    if not MIN_INT64 <= v.ts <= MAX_INT64:
+        raise WireError("version ts out of int64 range")
     return {
         "id": v.id,
         "data": base64.b64encode(v.data).decode("ascii"),
@@ -226,6 +253,9 @@ def _decode_data(value: Any, what: str) -> bytes:
     if value is None:
         return b""
     text = _expect_str(value, what)
+    # b64decode lets excess padding through ("YWJj=="); Go's decoder does not.
+    if len(text) % 4:
+        raise WireError(f"{what}: invalid base64")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
