@@ -286,7 +286,8 @@ class SQLiteKeyStore:
     async def update(self, key: StoredKey) -> StoredKey:
         acl, versions = _encode_columns(key)
 
-        def update(c: sqlite3.Connection) -> int | bool:
+        def update(c: sqlite3.Connection) -> tuple[int | None, bool]:
+            """(new row version, True) if updated; (None, whether the key still exists) if not."""
             with _transaction(c):
                 row_version = _next_row_version(c)
                 cur = c.execute(
@@ -295,18 +296,18 @@ class SQLiteKeyStore:
                     (acl, key.hash, versions, row_version, key.id, key.row_version),
                 )
                 if cur.rowcount == 1:
-                    return row_version
+                    return row_version, True
                 exists = c.execute("SELECT 1 FROM knox_keys WHERE id = ?", (key.id,)).fetchone()
                 # Nothing changed: end the transaction without moving the counter.
                 c.execute("ROLLBACK")
-                return exists is not None
+                return None, exists is not None
 
-        result = await self._run(update)
-        if result is True:
-            raise ConcurrentChangeError(f"Key {key.id} changed concurrently; re-read and retry")
-        if result is False:
+        row_version, exists = await self._run(update)
+        if not exists:
             raise KeyNotFoundError(f"No such key {key.id}")
-        return replace(key, row_version=result)
+        if row_version is None:
+            raise ConcurrentChangeError(f"Key {key.id} changed concurrently; re-read and retry")
+        return replace(key, row_version=row_version)
 
     async def delete(self, key_id: str) -> bool:
         def delete(c: sqlite3.Connection) -> bool:
