@@ -1,0 +1,77 @@
+"""``knox-server``: serve, run a development server, re-wrap stored data under a new master key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from knox.errors import KnoxError
+from knox_server import main as server_main
+from knox_server.config import ConfigError, load_config
+from knox_server.crypto import KeyFileError
+from knox_server.dev import prepare_dev_state, write_dev_outputs
+from knox_server.logs import configure_logging
+from knox_server.tokens import TokenFileError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knox-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the Knox v0 API as configured")
+    serve.add_argument("--config", type=Path, required=True, help="the server's TOML file")
+    dev = sub.add_parser("dev", help="run a development server with a generated PKI")
+    dev.add_argument("--state-dir", type=Path, required=True)
+    dev.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT (port 0: any free)")
+    dev.add_argument(
+        "--knox-compat",
+        action="store_true",
+        help="list every key on GET /v0/keys/ as Go Knox does (default: only readable keys)",
+    )
+    rewrap = sub.add_parser(
+        "rewrap", help="re-seal every stored version under the newest master key"
+    )
+    rewrap.add_argument("--config", type=Path, required=True)
+    return parser
+
+
+async def _dev(args: argparse.Namespace) -> None:
+    state = prepare_dev_state(args.state_dir)
+    config = state.server_config(args.listen, knox_compat=args.knox_compat)
+
+    def announce(urls: list[str]) -> None:
+        info = write_dev_outputs(state, urls[0])
+        sys.stdout.write(json.dumps(info) + "\n")
+        sys.stdout.flush()
+
+    await server_main.run_server(config, on_listening=announce)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging()
+    try:
+        if args.command == "serve":
+            config = load_config(args.config)
+            trio.run(server_main.run_server, config)
+        elif args.command == "dev":
+            trio.run(_dev, args)
+        else:
+            report = trio.run(server_main.rewrap_stored, load_config(args.config))
+            sys.stdout.write(json.dumps(report) + "\n")
+    except KeyboardInterrupt:
+        return 0
+    except (ConfigError, KeyFileError, TokenFileError, KnoxError, OSError) as exc:
+        sys.stderr.write(f"knox-server: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

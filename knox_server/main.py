@@ -1,0 +1,88 @@
+"""The server's composition root: configuration in, a serving knox_server out."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from knox_server.app import AppSettings, create_app
+from knox_server.audit import AuditLog
+from knox_server.auth import Authenticator
+from knox_server.config import ConfigError, ServerConfig
+from knox_server.crypto import MasterKeyring
+from knox_server.rewrap import rewrap
+from knox_server.serve import ServeSettings, serve
+from knox_server.sqlite_store import SQLiteKeyStore
+from knox_server.store import KeyStore
+from knox_server.tokens import TokenDB
+
+__all__ = ["open_store", "rewrap_stored", "run_server"]
+
+log = structlog.get_logger("knox_server")
+
+
+async def open_store(url: str) -> KeyStore:
+    """The backend named by a ``storage.url``. Raises :class:`ConfigError` for an unknown one."""
+    if url.startswith("sqlite:///"):
+        return await SQLiteKeyStore.open(Path(url.removeprefix("sqlite:///")))
+    raise ConfigError(f"storage.url: unsupported backend {url.split(':', 1)[0]!r}")
+
+
+async def run_server(
+    config: ServerConfig,
+    *,
+    on_listening: Callable[[list[str]], None] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Load keys, tokens and the store, then serve until cancelled.
+
+    ``on_listening`` and ``task_status`` receive the bound URLs once the socket listens. Raises
+    :class:`ConfigError`, the key and token files' errors, or ``OSError`` before serving.
+    """
+    keyring = MasterKeyring.load(config.master_key_file)
+    tokens = TokenDB.load(config.token_file) if config.token_file else None
+    authenticator = Authenticator(config.client_ca.read_bytes(), tokens)
+    audit = AuditLog.to_file(config.audit_file) if config.audit_file else AuditLog()
+    store = await open_store(config.storage_url)
+    try:
+        app = create_app(
+            store=store,
+            keyring=keyring,
+            authenticator=authenticator,
+            audit=audit,
+            settings=AppSettings(
+                host=config.host,
+                default_acl=config.default_acl,
+                knox_compat_list=config.knox_compat,
+                max_body_bytes=config.max_body_bytes,
+            ),
+        )
+        settings = ServeSettings(
+            listen=config.listen, cert=config.cert, key=config.key, client_ca=config.client_ca
+        )
+        async with trio.open_nursery() as nursery:
+            urls: list[str] = await nursery.start(serve, app, settings)
+            log.info("listening", urls=urls, master_keys=list(keyring.ids))
+            if on_listening is not None:
+                on_listening(urls)
+            task_status.started(urls)
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+        audit.close()
+
+
+async def rewrap_stored(config: ServerConfig) -> dict[str, Any]:
+    """Re-seal every stored version under the newest master key; the report as a dict."""
+    keyring = MasterKeyring.load(config.master_key_file)
+    store = await open_store(config.storage_url)
+    try:
+        report = await rewrap(store, keyring)
+    finally:
+        await store.aclose()
+    return dataclasses.asdict(report)
