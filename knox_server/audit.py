@@ -25,6 +25,7 @@ the file without interleaving lines.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -56,6 +57,8 @@ log = structlog.get_logger("knox_server.audit")
 _ALPHANUMERIC = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 # Byte b → alphabet[b % 62]: the slight bias is irrelevant for a correlation id.
 _ID_TABLE = bytes(_ALPHANUMERIC[b % len(_ALPHANUMERIC)] for b in range(256))
+# One encoder for every record: json.dumps would build a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _TLS_VERSIONS = {0x0301: "TLSv1.0", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
 
 
@@ -64,10 +67,15 @@ def new_request_id() -> str:
     return os.urandom(20).translate(_ID_TABLE).decode("ascii")
 
 
+@functools.lru_cache(maxsize=4)
+def _second_stamp(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 def rfc3339_nano(ts_ns: int) -> str:
     """Go's ``time.RFC3339Nano`` in UTC: nanoseconds with trailing zeros dropped, ``Z`` suffix."""
     seconds, nanos = divmod(ts_ns, 1_000_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    stamp = _second_stamp(seconds)
     if nanos:
         stamp += "." + f"{nanos:09d}".rstrip("0")
     return stamp + "Z"
@@ -144,8 +152,9 @@ def format_record(record: AuditRecord) -> bytes:
         "params": params,
         "query_ids": record.query_ids,
     }
-    # ensure_ascii: a path or key id with odd characters stays one printable line.
-    return (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
+    # ASCII output (the encoder's default): a path or key id with odd characters stays one
+    # printable line.
+    return (_ENCODER.encode(obj) + "\n").encode("ascii")
 
 
 class AuditSink(Protocol):

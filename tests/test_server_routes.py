@@ -68,8 +68,8 @@ class PKI:
     tokens: Mapping[str, str]
 
 
-@pytest.fixture(scope="module")
-def pki() -> PKI:
+def make_pki() -> PKI:
+    """A CA, a server certificate, client certificates and user tokens."""
     ca = CA.create()
     return PKI(
         ca=ca,
@@ -79,6 +79,11 @@ def pki() -> PKI:
         two_uris=ca.two_uri_cert(SPIFFE, "spiffe://example.org/other"),
         tokens={"alice": new_token(), "bob": new_token(), "carol": new_token()},
     )
+
+
+@pytest.fixture(scope="module")
+def pki() -> PKI:
+    return make_pki()
 
 
 @dataclass
