@@ -24,10 +24,16 @@ import trio
 
 from knox import wire
 from knox.errors import (
+    BadKeyFormatError,
+    BadPrincipalError,
     BadRequestDataError,
     InternalError,
+    KeyExistsError,
     KeyNotFoundError,
+    NoKeyDataError,
+    UnauthenticatedError,
     UnauthorizedError,
+    VersionNotFoundError,
 )
 from knox.http_client import (
     MAX_ATTEMPTS,
@@ -60,8 +66,10 @@ from knox.model import (
     VersionStatus,
     version_hash,
 )
+from knox_server.dev import DEV_SPIFFE_ID
 from knox_server.serve import ServeSettings, serve
 from tests.pki import CA
+from tests.server_fixtures import DevServer, dev_server
 
 WAIT = 20
 HASH = "a" * 64
@@ -560,3 +568,140 @@ async def test_long_poll_wait_extends_the_time_bound(tmp_path: Path) -> None:
         async with scripted_client(script, tmp_path, request_timeout=0.5) as client:
             check = await client.check_keys({"k": HASH}, wait=2)
     assert check.ids == ()
+
+
+# --- against the real knox_server ------------------------------------------------------------
+
+
+def client_for(srv: DevServer, auth: str, cert: tuple[Path, Path] | None = None) -> KnoxHTTPClient:
+    ctx = ssl_context_for(srv.ca, *(cert or (None, None)))
+    return KnoxHTTPClient(srv.url, auth=auth, ssl_context=ctx)
+
+
+def audit_records(srv: DevServer) -> list[dict[str, Any]]:
+    lines = (srv.state_dir / "audit.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+async def test_every_method_against_the_server(tmp_path: Path) -> None:
+    with trio.fail_after(WAIT):
+        async with (
+            dev_server(tmp_path / "srv") as srv,
+            client_for(srv, "0u" + srv.admin_token) as admin,
+        ):
+            grant = Access(PrincipalType.USER, "dev", AccessType.READ)
+            first = await admin.create_key("app:db_password", b"v1", [grant])
+            key = await admin.get_key("app:db_password")
+            assert [(v.id, v.data, v.status) for v in key.versions] == [
+                (first, b"v1", VersionStatus.PRIMARY)
+            ]
+            second = await admin.add_version("app:db_password", b"v2")
+            await admin.update_version("app:db_password", second, VersionStatus.PRIMARY)
+            await admin.update_version("app:db_password", first, VersionStatus.INACTIVE)
+            active = await admin.get_key("app:db_password")
+            assert active.primary.data == b"v2"
+            assert [v.id for v in active.versions] == [second]
+            every = await admin.get_key("app:db_password", VersionStatus.INACTIVE)
+            assert {v.id: v.status for v in every.versions} == {
+                first: VersionStatus.INACTIVE,
+                second: VersionStatus.PRIMARY,
+            }
+            assert active.hash == every.hash == version_hash(every.versions)
+            primary_only = await admin.get_key("app:db_password", VersionStatus.PRIMARY)
+            assert [v.id for v in primary_only.versions] == [second]
+
+            await admin.put_access(
+                "app:db_password",
+                Access(PrincipalType.MACHINE, srv.hostname, AccessType.READ),
+                Access(PrincipalType.USER, "dev", AccessType.NONE),
+            )
+            acl = await admin.get_acl("app:db_password")
+            assert Access(PrincipalType.USER, "admin", AccessType.ADMIN) in acl
+            assert Access(PrincipalType.MACHINE, srv.hostname, AccessType.READ) in acl
+            assert all(e.id != "dev" for e in acl)
+
+            assert await admin.get_keys() == ["app:db_password"]
+            assert await admin.get_keys({"app:db_password": every.hash, "ghost": "NONE"}) == []
+            assert await admin.get_keys({"app:db_password": "NONE"}) == ["app:db_password"]
+
+            await admin.delete_key("app:db_password")
+            with pytest.raises(KeyNotFoundError, match="app:db_password"):
+                await admin.get_key("app:db_password")
+            assert await admin.get_keys() == []
+
+
+async def test_server_errors_map_to_their_exceptions(tmp_path: Path) -> None:
+    with trio.fail_after(WAIT):
+        async with (
+            dev_server(tmp_path / "srv") as srv,
+            client_for(srv, "0u" + srv.admin_token) as admin,
+            client_for(srv, "0u" + srv.dev_token) as dev,
+            client_for(srv, "0unot-a-token") as stranger,
+        ):
+            version = await admin.create_key("k", b"secret")
+            with pytest.raises(KeyExistsError):
+                await admin.create_key("k", b"again")
+            with pytest.raises(BadKeyFormatError):
+                await admin.create_key("bad id!", b"x")
+            with pytest.raises(NoKeyDataError):
+                await admin.create_key("empty", b"")
+            with pytest.raises(UnauthorizedError, match="dev"):
+                await dev.get_key("k")
+            with pytest.raises(UnauthorizedError):
+                await dev.delete_key("k")
+            with pytest.raises(UnauthenticatedError):
+                await stranger.get_keys()
+            with pytest.raises(VersionNotFoundError):
+                await admin.update_version("k", version + 1, VersionStatus.ACTIVE)
+            with pytest.raises(BadRequestDataError, match="Version must be Active to promote"):
+                await admin.update_version("k", version, VersionStatus.PRIMARY)
+            with pytest.raises(BadPrincipalError):
+                await admin.put_access("k", Access(PrincipalType.SERVICE, "web", AccessType.READ))
+            with pytest.raises(KeyNotFoundError):
+                await admin.add_version("ghost", b"x")
+
+
+async def test_machine_and_service_identities_over_mtls(tmp_path: Path) -> None:
+    with trio.fail_after(WAIT):
+        async with dev_server(tmp_path / "srv") as srv:
+            async with client_for(srv, "0u" + srv.admin_token) as admin:
+                await admin.create_key(
+                    "host_key",
+                    b"for the host",
+                    [
+                        Access(PrincipalType.MACHINE, srv.hostname, AccessType.READ),
+                        Access(PrincipalType.SERVICE, DEV_SPIFFE_ID, AccessType.READ),
+                    ],
+                )
+            async with client_for(srv, "0t" + srv.hostname, srv.host_cert) as machine:
+                assert (await machine.get_key("host_key")).primary.data == b"for the host"
+            async with client_for(srv, "0sx", srv.service_cert) as service:
+                assert (await service.get_key("host_key")).primary.data == b"for the host"
+            async with client_for(srv, "0twrong.example.com", srv.host_cert) as liar:
+                with pytest.raises(UnauthenticatedError):
+                    await liar.get_key("host_key")
+
+
+async def test_change_check_of_2000_ids_is_chunked_and_merged(tmp_path: Path) -> None:
+    with trio.fail_after(WAIT):
+        async with (
+            dev_server(tmp_path / "srv") as srv,
+            client_for(srv, "0u" + srv.admin_token) as admin,
+        ):
+            # Real keys spread over the sorted id space, so they land in different chunks.
+            real = ["svc_00000:k", "svc_01000:k", "svc_01999:k"]
+            for key_id in real:
+                await admin.create_key(key_id, b"x")
+            unchanged = await admin.get_key(real[1])
+            hashes = {f"svc_{i:05d}:k": "stale" for i in range(2000)}
+            hashes[real[1]] = unchanged.hash
+            check = await admin.check_keys(hashes)
+            assert sorted(check.ids) == [real[0], real[2]]
+            assert check.preference_applied is None
+            assert sorted(await admin.get_keys(hashes)) == [real[0], real[2]]
+            long_poll = await admin.check_keys(hashes, wait=1)
+            assert sorted(long_poll.ids) in ([real[0]], [real[2]], [real[0], real[2]])
+    checks = [r for r in audit_records(srv) if r["route"] == "getkeys"]
+    expected = len(change_check_requests(hashes))
+    assert expected > 1
+    assert len(checks) >= 2 * expected
