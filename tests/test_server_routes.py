@@ -6,15 +6,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sqlite3
 import ssl
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import structlog
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -47,9 +50,10 @@ from knox_server.audit import AuditLog
 from knox_server.auth import ERR_NO_PROVIDER, ERR_NO_SPIFFE, ERR_UNKNOWN_USER, Authenticator
 from knox_server.crypto import MasterKeyring
 from knox_server.serve import ServeSettings, serve
-from knox_server.sqlite_store import SQLiteKeyStore
+from knox_server.sqlite_store import SQLiteKeyStore, decode_versions, encode_versions
 from knox_server.tokens import TokenDB, hash_token, new_token
 from tests.pki import CA, CertPair, ssl_client_context
+from tests.server_fixtures import dev_server
 
 HOST = "knox-test-host"
 MACHINE = "web1.example.com"
@@ -175,7 +179,12 @@ def b64(data: bytes) -> str:
 
 @asynccontextmanager
 async def served_knox(
-    pki: PKI, tmp_path: Path, *, knox_compat_list: bool = False, max_body_bytes: int = 64 * 1024
+    pki: PKI,
+    tmp_path: Path,
+    *,
+    knox_compat_list: bool = False,
+    max_body_bytes: int = 64 * 1024,
+    clock: Callable[[], int] = time.time_ns,
 ) -> AsyncIterator[Knox]:
     """Serve a fresh knox_server (SQLite store, new master key, audit file) over TLS."""
     ca_path = pki.ca.write_cert(tmp_path / "ca.pem")
@@ -199,6 +208,7 @@ async def served_knox(
             default_acl=DEFAULT_ACL,
             knox_compat_list=knox_compat_list,
             max_body_bytes=max_body_bytes,
+            clock=clock,
         ),
     )
     settings = ServeSettings(listen=("127.0.0.1:0",), cert=cert, key=key, client_ca=ca_path)
@@ -839,6 +849,52 @@ async def test_body_that_is_not_a_form_has_no_fields(knox: Knox) -> None:
     assert (reply.status, reply.code, reply.message) == (400, 9, "Missing parameter 'id'")
 
 
+# --- internal errors ---------------------------------------------------------------------------
+
+
+async def test_tampered_data_is_code_1_with_a_safe_message(knox: Knox, tmp_path: Path) -> None:
+    await knox.create("k", b"top secret")
+    with sqlite3.connect(tmp_path / "knox.db") as db:
+        (raw,) = db.execute("SELECT versions FROM knox_keys WHERE id = 'k'").fetchone()
+        versions = decode_versions(raw)
+        sealed = bytearray(versions[0].sealed)
+        sealed[-1] ^= 1
+        tampered = (replace(versions[0], sealed=bytes(sealed)),)
+        db.execute("UPDATE knox_keys SET versions = ? WHERE id = 'k'", (encode_versions(tampered),))
+    db.close()
+    with structlog.testing.capture_logs() as logs:
+        reply = await knox.call("alice", "GET", "/v0/keys/k/")
+    assert (reply.status, reply.code) == (500, 1)
+    assert reply.message.startswith("sealed data does not authenticate")
+    record = knox.audit()[-1]
+    assert (record["code"], record["status"]) == (1, 500)
+    assert [e["request_id"] for e in logs if e["event"] == "request_failed"] == [
+        record["request_id"]
+    ]
+    # the key's other routes still work
+    assert (await knox.call("alice", "GET", "/v0/keys/k/access/")).status == 200
+
+
+async def test_unexpected_exception_is_an_envelope_not_a_traceback(
+    pki: PKI, tmp_path: Path
+) -> None:
+    # A clock past 2262 gives timestamps beyond int64, which sealing refuses with a ValueError.
+    async with served_knox(pki, tmp_path, clock=lambda: 2**63) as knox:
+        with structlog.testing.capture_logs() as logs:
+            reply = await knox.call("alice", "POST", "/v0/keys/", form={"id": "k", "data": "eA=="})
+        assert (reply.status, reply.code, reply.message) == (500, 1, "Internal Server Error")
+        record = knox.audit()[-1]
+        assert (record["route"], record["code"], record["message"]) == (
+            "postkeys",
+            1,
+            "Internal Server Error",
+        )
+        (event,) = [e for e in logs if e["event"] == "internal_error"]
+        assert event["request_id"] == record["request_id"] and event["exc_info"] is True
+        # the server keeps serving
+        assert (await knox.call("alice", "GET", "/v0/keys/")).status == 200
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 
@@ -942,3 +998,40 @@ _principals = st.lists(
 def test_read_filter_agrees_with_the_model(acl: list[Access], principals: list[Any]) -> None:
     mux = PrincipalMux(tuple((f"p{i}", p) for i, p in enumerate(principals)))
     assert _ReadFilter(mux)(tuple(acl)) == acl_allows(tuple(acl), mux, AccessType.READ)
+
+
+# --- the composition root ---------------------------------------------------------------------
+
+
+async def test_dev_server_serves_this_app_end_to_end(tmp_path: Path) -> None:
+    async with dev_server(tmp_path / "dev") as dev:
+        user_ctx = ssl.create_default_context(cafile=str(dev.ca))
+        host_ctx = ssl.create_default_context(cafile=str(dev.ca))
+        host_ctx.load_cert_chain(*dev.host_cert)
+        async with (
+            httpx.AsyncClient(verify=user_ctx, base_url=dev.url, timeout=WAIT) as user,
+            httpx.AsyncClient(verify=host_ctx, base_url=dev.url, timeout=WAIT) as host,
+        ):
+            admin = {"Authorization": "0u" + dev.admin_token}
+            with trio.fail_after(WAIT):
+                created = await user.post(
+                    "/v0/keys/", data={"id": "dev:k", "data": b64(b"v1")}, headers=admin
+                )
+                denied = await user.get(
+                    "/v0/keys/dev:k/", headers={"Authorization": "0u" + dev.dev_token}
+                )
+                entry = {"type": "Machine", "id": dev.hostname, "access": "Read"}
+                granted = await user.put(
+                    "/v0/keys/dev:k/access/", data={"access": json.dumps(entry)}, headers=admin
+                )
+                read = await host.get(
+                    "/v0/keys/dev:k/", headers={"Authorization": "0t" + dev.hostname}
+                )
+    assert created.status_code == 200 and denied.status_code == 403 and granted.status_code == 200
+    assert read.status_code == 200
+    assert base64.b64decode(read.json()["data"]["versions"][0]["data"]) == b"v1"
+    routes = [
+        json.loads(line)["route"]
+        for line in (dev.state_dir / "audit.jsonl").read_text().splitlines()
+    ]
+    assert routes == ["postkeys", "getkey", "putaccess", "getkey"]
