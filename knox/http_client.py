@@ -515,6 +515,8 @@ class KnoxHTTPClient:
         reported by the next check); without ``wait`` at most 8 chunks run at once.
         """
         requests = change_check_requests(hashes, wait=wait)
+        if not requests:
+            return ChangeCheck((), None)
         if len(requests) == 1:
             response = await self.request(requests[0], wait=wait)
             return ChangeCheck(
@@ -668,7 +670,10 @@ def _describe(exc: httpx.RequestError) -> str:
         if seen is None:
             break
         text = str(seen).strip()
-        if text:
+        if text and not isinstance(seen, BaseExceptionGroup):
             reason = text
-        seen = seen.__cause__ or seen.__context__
+        if isinstance(seen, BaseExceptionGroup) and seen.exceptions:
+            seen = seen.exceptions[0]
+        else:
+            seen = seen.__cause__ or seen.__context__
     return f"{type(exc).__name__}: {_clip(reason)}" if reason else type(exc).__name__

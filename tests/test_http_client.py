@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
+import httpx
 import pytest
 import trio
 
@@ -426,6 +427,34 @@ async def test_sends_knox_headers_and_decodes(tmp_path: Path) -> None:
     assert USER_AGENT.startswith("Knox_Client/")
     assert seen.headers["content-type"] == "application/x-www-form-urlencoded"
     assert seen.body == b"data=dg%3D%3D"
+
+
+async def test_an_empty_change_check_sends_nothing(tmp_path: Path) -> None:
+    script = Script([(200, ok_body(["everything"]), JSON)])
+    with trio.fail_after(WAIT):
+        async with scripted_client(script, tmp_path) as client:
+            assert await client.get_keys({}) == []
+            assert (await client.check_keys({}, wait=30)).ids == ()
+    assert script.seen == []
+
+
+async def test_a_shared_httpx_client_is_used_and_left_open(tmp_path: Path) -> None:
+    script = Script([(200, ok_body([]), JSON)])
+    with trio.fail_after(WAIT):
+        async with scripted_server(script, tmp_path) as srv:
+            shared = httpx.AsyncClient(verify=ssl_context_for(srv.ca_path))
+            async with shared:
+                async with KnoxHTTPClient(srv.url, auth="0utok", http_client=shared) as client:
+                    assert await client.get_keys() == []
+                assert not shared.is_closed
+                with pytest.raises(ValueError, match="not both"):
+                    KnoxHTTPClient(
+                        srv.url,
+                        auth="0utok",
+                        http_client=shared,
+                        ssl_context=ssl_context_for(srv.ca_path),
+                    )
+    assert len(script.seen) == 1
 
 
 async def test_code_1_is_retried_until_ok(tmp_path: Path) -> None:

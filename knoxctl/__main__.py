@@ -1,0 +1,5 @@
+"""``python -m knoxctl``."""
+
+from knoxctl.cli import main
+
+raise SystemExit(main())
