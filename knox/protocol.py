@@ -19,7 +19,7 @@ then ``N`` bytes holding exactly one msgpack **map** with ``str`` keys, ``1 <= N
   (the frame's own map is level 1, a map or array inside it level 2, and so on).
 
 A frame that breaks a rule is a *protocol error*: knoxd answers with one error frame
-(``"id": null``, code ``protocol``) if it can, then closes the connection.
+(``"id": nil``, code ``protocol``) if it can, then closes the connection.
 
 In the schemas below ``?`` marks an optional field, which may be absent or ``nil`` (the same
 thing); ``uint32`` is an int in ``0..4294967295``; ``key id`` is a ``str`` matching
@@ -50,9 +50,10 @@ Requests and responses
              <- {"id": <same> | nil, "ok": false,
                  "error": {"code": str, "message": str, "retry": bool}}
 
-A request with an argument its op does not take, or an argument of the wrong type, is answered
-with ``bad_request`` (with ``"id": nil`` if the request's own ``id`` was missing or invalid); the
-connection stays open. Requests may be pipelined; responses come back in request order.
+A request with a missing or unknown op, an argument its op does not take, or a missing or
+invalid argument, and a second hello, are answered with ``bad_request`` (with ``"id": nil`` if
+the request's own ``id`` was missing or invalid); the connection stays open. Requests may be
+pipelined; responses come back in request order.
 ``message`` is for people and never holds secret data; programs act on ``code`` and ``retry``.
 Clients ignore result fields they do not know.
 
@@ -530,6 +531,8 @@ class FrameDecoder:
     then a partial frame left over is a :class:`ProtocolError`.
     """
 
+    __slots__ = ("_buffer", "_eof", "_error", "_max_buffer")
+
     def __init__(self, max_buffer: int = MAX_BUFFER) -> None:
         self._buffer = bytearray()
         self._max_buffer = max_buffer
@@ -544,7 +547,7 @@ class FrameDecoder:
         after the end of the stream.
         """
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)
         if not data:
             self._eof = True
             return
@@ -560,7 +563,8 @@ class FrameDecoder:
         """The next complete message, or ``None`` if more bytes are needed (or the stream
         ended cleanly). Raises :class:`ProtocolError`."""
         if self._error is not None:
-            raise self._error
+            # A fresh traceback each time, or it would grow with every call.
+            raise self._error.with_traceback(None)
         buffer = self._buffer
         if len(buffer) < HEADER_SIZE:
             if self._eof and buffer:
@@ -1031,8 +1035,8 @@ _UINT64 = struct.Struct(">BQ")
 
 def _pack_uint(n: int) -> bytes:
     """``n`` packed exactly as msgpack packs a non-negative int (smallest form)."""
-    if n < 0:
-        raise ValueError("a negative int where a non-negative one is required")
+    if not 0 <= n <= MAX_UINT64:
+        raise ValueError(f"{n} is not in 0..{MAX_UINT64}")
     if n < 0x80:
         return _FIXINTS[n]
     if n <= 0xFF:
@@ -1071,7 +1075,7 @@ def encode_get_ok(request_id: int, cached_key: bytes, age_ms: int, stale: bool) 
     """The frame of ``ok(request_id, key=..., age_ms=age_ms, stale=stale)`` around a key packed
     by :func:`encode_cached_key`, byte for byte, without repacking the key.
 
-    Raises :class:`ValueError` for a negative ``request_id`` or ``age_ms``.
+    Raises :class:`ValueError` if ``request_id`` or ``age_ms`` is not in ``0..MAX_UINT64``.
     """
     return _frame(
         b"".join(
@@ -1090,8 +1094,8 @@ def encode_get_ok(request_id: int, cached_key: bytes, age_ms: int, stale: bool) 
 
 def encode_update_event(cached_key: bytes, age_ms: int, stale: bool) -> bytes:
     """The frame of an ``update`` event around a key packed by :func:`encode_cached_key`,
-    byte for byte what encoding :func:`update_event` gives. Raises :class:`ValueError` for a
-    negative ``age_ms``."""
+    byte for byte what encoding :func:`update_event` gives. Raises :class:`ValueError` if
+    ``age_ms`` is not in ``0..MAX_UINT64``."""
     return _frame(b"".join((_UPDATE_HEAD, cached_key, _AGE_MS, _pack_uint(age_ms), _STALE[stale])))
 
 
@@ -1290,7 +1294,7 @@ def _key_from_cached(obj: object) -> Key:
     seen: set[int] = set()
     for index, raw in enumerate(raw_versions):
         try:
-            version = _cached_version(raw, VersionStatus.ACTIVE if index else VersionStatus.PRIMARY)
+            version = _cached_version(raw, _ACTIVE if index else _PRIMARY)
             if version.id in seen:
                 raise ProtocolError(".id repeats an earlier version's")
         except ProtocolError as exc:
@@ -1300,16 +1304,22 @@ def _key_from_cached(obj: object) -> Key:
     return Key(key_id, (), tuple(versions), key_hash)
 
 
-def _cached_version(obj: object, expected: VersionStatus) -> KeyVersion:
+# (status, its wire name): reading an enum member's ``.value`` costs more than a dict lookup.
+_PRIMARY = (VersionStatus.PRIMARY, VersionStatus.PRIMARY.value)
+_ACTIVE = (VersionStatus.ACTIVE, VersionStatus.ACTIVE.value)
+
+
+def _cached_version(obj: object, expected: tuple[VersionStatus, str]) -> KeyVersion:
+    status, name = expected
     version_map = _want_map(obj, "")
     version_id = _want_int(version_map.get("id"), ".id", 0, MAX_UINT64)
-    if _want_str(version_map.get("status"), ".status") != expected.value:
-        raise ProtocolError(f".status must be {expected.value!r}")
+    if _want_str(version_map.get("status"), ".status") != name:
+        raise ProtocolError(f".status must be {name!r}")
     ts = _want_int(version_map.get("ts"), ".ts", MIN_INT64, MAX_INT64)
     data = version_map.get("data")
     if type(data) is not bytes:
         raise ProtocolError(f".data must be bin, not {_kind(data)}")
-    return KeyVersion(version_id, data, expected, ts)
+    return KeyVersion(version_id, data, status, ts)
 
 
 def get_result(response: Ok) -> GetResult:

@@ -537,11 +537,13 @@ def test_spliced_paths_equal_slow_paths(
     assert p.encode_update_event(packed, age_ms, stale) == p.encode_frame(slow_event)
 
 
-def test_spliced_paths_reject_negative_numbers() -> None:
+def test_spliced_paths_reject_numbers_msgpack_cannot_carry_unsigned() -> None:
     packed = p.encode_cached_key(KEY)
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="-5 is not in 0"):
         p.encode_get_ok(1, packed, -5, False)
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="is not in 0"):
+        p.encode_get_ok(2**64, packed, 0, False)
+    with pytest.raises(ValueError, match="-1 is not in 0"):
         p.encode_update_event(packed, -1, False)
 
 
