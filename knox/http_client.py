@@ -558,17 +558,16 @@ class KnoxHTTPClient:
         ``wait`` extends the time bound of each attempt by that many seconds (for a request that
         carries ``Prefer: wait``). Raises as described in the module docstring.
         """
-        for attempt in range(MAX_ATTEMPTS):
+        attempts = 0
+        while True:
             status_code, headers, body, where = await self._send(req, wait or 0)
+            attempts += 1
             try:
-                envelope = interpret_response(status_code, body, where)
+                return ApiResponse(interpret_response(status_code, body, where), headers)
             except KnoxError as exc:
-                if not _retryable(exc) or attempt + 1 == MAX_ATTEMPTS:
+                if not _retryable(exc) or attempts == MAX_ATTEMPTS:
                     raise
-            else:
-                return ApiResponse(envelope, headers)
-            await trio.sleep(backoff_delay(attempt))
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            await trio.sleep(backoff_delay(attempts - 1))
 
     async def _send(self, req: ApiRequest, wait: int) -> tuple[int, httpx.Headers, bytes, str]:
         failures: list[str] = []

@@ -14,8 +14,8 @@ Exit codes: 0 success; 1 failure, with one line on stderr (the server's message 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import contextvars
+import io
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -106,33 +106,40 @@ def main(
     process's standard streams."""
     out = stdout if stdout is not None else sys.stdout.buffer
     err = stderr if stderr is not None else sys.stderr
+    if stdin is None:
+        # fd 0 may be closed (sys.stdin is None); commands reading data then see empty input.
+        stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
     token = _streams.set(_Streams(out, err))
     try:
         return _dispatch(
             list(sys.argv[1:] if argv is None else argv),
-            Invocation(
-                args=argparse.Namespace(),
-                env=os.environ if env is None else env,
-                stdin=stdin if stdin is not None else sys.stdin.buffer,
-                stdout=out,
-                stderr=err,
-            ),
+            os.environ if env is None else env,
+            stdin,
+            out,
+            err,
         )
     finally:
         _streams.reset(token)
-        # A reader that went away (``knoxctl keys | head``) is not an error worth a traceback.
-        with contextlib.suppress(BrokenPipeError):
+        try:
             out.flush()
+        except BrokenPipeError:
+            # The reader went away (``knoxctl keys | head``). Point stdout at /dev/null so the
+            # interpreter's own flush at exit does not complain either.
+            if stdout is None:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
 
 
-def _dispatch(argv: list[str], template: Invocation) -> int:
+def _dispatch(
+    argv: list[str], env: Mapping[str, str], stdin: BinaryIO, stdout: BinaryIO, err: TextIO
+) -> int:
     root, parsers = build_parser()
     try:
         args = root.parse_args(argv)
     except _ParserExit as exc:
         return exc.status
-    inv = Invocation(args, template.env, template.stdin, template.stdout, template.stderr)
-    err = inv.stderr
+    inv = Invocation(args, env, stdin, stdout, err)
     try:
         status: int = args.handler(inv)
         return status
