@@ -592,11 +592,13 @@ async def test_long_poll_sends_prefer_and_reports_preference_applied(tmp_path: P
 
 
 async def test_long_poll_wait_extends_the_time_bound(tmp_path: Path) -> None:
-    script = Script([(200, ok_body([]), JSON)], hold=1.0)
+    script = Script([(200, ok_body([]), JSON)], hold=0.6)
     with trio.fail_after(WAIT):
-        async with scripted_client(script, tmp_path, request_timeout=0.5) as client:
-            check = await client.check_keys({"k": HASH}, wait=2)
-    assert check.ids == ()
+        async with scripted_client(script, tmp_path, request_timeout=0.3) as client:
+            check = await client.check_keys({"k": HASH}, wait=1)
+            assert check.ids == ()
+            with pytest.raises(UpstreamUnavailable, match="no answer within"):
+                await client.check_keys({"k": HASH})
 
 
 # --- against the real knox_server ------------------------------------------------------------
