@@ -37,7 +37,8 @@ Deliberate departures from the Go server, each invisible to a well-behaved Knox 
 * a version id collision on add is retried with a fresh id (Go answers 500);
 * unless ``knox_compat_list``, ``GET /v0/keys/`` lists only keys the caller may Read (upstream
   PR #128), decided from the stored ACL without decrypting anything;
-* writes retry a lost optimistic-concurrency race ``write_retries`` times before answering code 1.
+* writes to one key queue within the process, and a race lost to another process (another
+  worker) is retried ``write_retries`` times before answering code 1 (Go answers 500 at once).
 
 ``GET /healthz`` answers 200 ``ok`` without authentication or audit.
 """
@@ -45,12 +46,21 @@ Deliberate departures from the Go server, each invisible to a well-behaved Knox 
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote_plus
@@ -504,6 +514,29 @@ class _Request:
         return self.form_fields
 
 
+class _KeyLocks:
+    """A FIFO lock per key id, existing only while some task holds or awaits it (so the table
+    is bounded by the requests in flight)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, tuple[trio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key_id: str) -> AsyncIterator[None]:
+        slot = self._slots.get(key_id)
+        if slot is None:
+            slot = self._slots[key_id] = (trio.Lock(), [0])
+        lock, users = slot
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._slots[key_id]
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -533,6 +566,7 @@ class KnoxApp:
         self._auth = authenticator
         self._audit = audit
         self._settings = settings
+        self._key_locks = _KeyLocks()
         self._handlers: dict[str, Callable[[_Request], Awaitable[Any]]] = {
             "getkeys": self._get_keys,
             "postkeys": self._post_keys,
@@ -850,20 +884,25 @@ class KnoxApp:
         await self._modify(req.key_id, change)
 
     async def _modify(self, key_id: str, change: Callable[[StoredKey], tuple[StoredKey, _T]]) -> _T:
-        """Read → ``change`` (authorization and edit, may raise) → optimistic update; a lost race
-        re-reads and re-applies, up to ``write_retries`` times, then fails with code 1."""
+        """Read → ``change`` (authorization and edit, may raise) → optimistic update.
+
+        Writes to one key from this process queue on a per-key lock, so they never race each
+        other; a race lost to another process re-reads and re-applies, up to ``write_retries``
+        times, then fails with code 1.
+        """
         retries = self._settings.write_retries
-        for attempt in range(retries + 1):
-            updated, result = change(await self._load(key_id))
-            try:
-                await self._store.update(updated)
-            except ConcurrentChangeError:
-                if attempt < retries:
-                    await trio.sleep(secrets.randbelow(_RETRY_BASE_US << attempt) / 1e6)
-                continue
-            except KeyNotFoundError:
-                raise _no_such_key(key_id) from None
-            return result
+        async with self._key_locks.hold(key_id):
+            for attempt in range(retries + 1):
+                updated, result = change(await self._load(key_id))
+                try:
+                    await self._store.update(updated)
+                except ConcurrentChangeError:
+                    if attempt < retries:
+                        await trio.sleep(secrets.randbelow(_RETRY_BASE_US << attempt) / 1e6)
+                    continue
+                except KeyNotFoundError:
+                    raise _no_such_key(key_id) from None
+                return result
         raise InternalError(f"Key {key_id} was changed concurrently; try again")
 
 
