@@ -121,7 +121,9 @@ from knox_server.store import KeyMeta, KeyStore, StoredKey, StoredVersion
 
 __all__ = [
     "AppSettings",
+    "Authenticates",
     "KnoxApp",
+    "Sealer",
     "create_app",
     "decode_base64",
     "parse_form",
@@ -172,6 +174,12 @@ class AppSettings:
     max_body_bytes: int = 64 * 1024
     write_retries: int = 5
     clock: Callable[[], int] = time.time_ns
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 0:
+            raise ValueError("max_body_bytes must not be negative")
+        if self.write_retries < 0:
+            raise ValueError("write_retries must not be negative")
 
 
 # --- pure request parsing ----------------------------------------------------------------------
