@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from knox.errors import ConcurrentChangeError, InternalError, KeyExistsError, KeyNotFoundError
 from knox.model import Access, AccessType, PrincipalType, VersionStatus
+from knox_server import sqlite_store
+from knox_server.crypto import MasterKeyring
+from knox_server.rewrap import rewrap
 from knox_server.sqlite_store import (
+    CorruptRowError,
     SQLiteKeyStore,
     decode_versions,
     encode_acl,
@@ -316,3 +321,206 @@ async def test_unstorable_key_is_refused_and_nothing_written(
     with pytest.raises(InternalError, match="cannot be stored"):
         await store.update(replace(key, row_version=good.row_version))
     assert await store.get("k") == good
+
+
+# --- the in-memory copy -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def two_stores(tmp_path: Path) -> AsyncIterator[tuple[SQLiteKeyStore, SQLiteKeyStore]]:
+    """Two stores on one file, as two server processes (or a server and ``rewrap``) would be."""
+    first = await SQLiteKeyStore.open(tmp_path / "keys.db")
+    try:
+        second = await SQLiteKeyStore.open(tmp_path / "keys.db")
+        try:
+            yield first, second
+        finally:
+            await second.aclose()
+    finally:
+        await first.aclose()
+
+
+async def test_reads_need_no_worker_thread(store: SQLiteKeyStore) -> None:
+    a = await store.add(make_key("a", 1))
+    b = await store.add(make_key("b", 2))
+    b2 = await store.update(replace(make_key("b", 2, 3), row_version=b.row_version))
+    await store.delete("a")
+    limiter = trio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = 1
+    # With the only worker thread taken, a read that needed one would wait here forever.
+    async with limiter:
+        with trio.fail_after(5):
+            assert await store.get("a") is None
+            assert await store.get("b") == b2
+            assert await store.meta(["a", "b"]) == {"b": KeyMeta(hash=b2.hash, acl=ACL)}
+            assert await store.meta() == {"b": KeyMeta(hash=b2.hash, acl=ACL)}
+    assert a.row_version < b.row_version < b2.row_version
+
+
+async def test_writes_of_another_store_are_seen_by_the_next_read(
+    two_stores: tuple[SQLiteKeyStore, SQLiteKeyStore],
+) -> None:
+    server, other = two_stores
+    assert await server.get("k") is None
+    added = await other.add(make_key("k", 1))
+    assert await server.get("k") == added
+    assert await server.meta(["k"]) == {"k": KeyMeta(hash=added.hash, acl=ACL)}
+
+    updated = await other.update(
+        replace(make_key("k", 1, 2, acl=ACL[:1]), row_version=added.row_version)
+    )
+    assert await server.meta() == {"k": KeyMeta(hash=updated.hash, acl=ACL[:1])}
+    assert await server.get("k") == updated
+
+    assert await other.delete("k") is True
+    assert await server.meta(["k"]) == {}
+    assert await server.get("k") is None
+
+    # The server's own writes and the other's interleave; each side reads both.
+    mine = await server.add(make_key("mine", 3))
+    theirs = await other.add(make_key("theirs", 4))
+    assert (
+        await server.meta()
+        == await other.meta()
+        == {
+            "mine": KeyMeta(hash=mine.hash, acl=ACL),
+            "theirs": KeyMeta(hash=theirs.hash, acl=ACL),
+        }
+    )
+    assert await other.get("mine") == mine
+    assert await server.get("theirs") == theirs
+
+
+async def test_stale_update_conflicts_and_the_next_get_is_fresh(
+    two_stores: tuple[SQLiteKeyStore, SQLiteKeyStore],
+) -> None:
+    server, other = two_stores
+    read = await server.add(make_key("k", 1))
+    assert await server.get("k") == read
+    theirs = await other.update(replace(make_key("k", 1, 2), row_version=read.row_version))
+    with pytest.raises(ConcurrentChangeError):
+        await server.update(replace(make_key("k", 1, 3), row_version=read.row_version))
+    assert await server.get("k") == theirs
+    await other.delete("k")
+    with pytest.raises(KeyNotFoundError):
+        await server.update(theirs)
+    assert await server.get("k") is None
+    again = await other.add(make_key("k", 7))
+    with pytest.raises(KeyExistsError):
+        await server.add(make_key("k", 8))
+    assert await server.get("k") == again
+
+
+async def test_a_failed_write_leaves_reads_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short busy_timeout, so the blocked write below fails quickly.
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.05)
+    store = await SQLiteKeyStore.open(tmp_path / "keys.db")
+    other = sqlite3.connect(tmp_path / "keys.db", isolation_level=None)
+    try:
+        added = await store.add(make_key("k", 1))
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(InternalError, match="database error SQLITE_BUSY"), trio.fail_after(5):
+            await store.update(replace(make_key("k", 1, 2), row_version=added.row_version))
+        other.execute("ROLLBACK")
+        assert await store.get("k") == added
+        other.execute("DELETE FROM knox_keys WHERE id = 'k'")
+        assert await store.get("k") is None
+    finally:
+        other.close()
+        await store.aclose()
+
+
+async def test_corrupt_rows_of_another_connection_fail_only_their_reads(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    s = await SQLiteKeyStore.open(path)
+    try:
+        good = await s.add(make_key("good", 1))
+        await s.add(make_key("bad", 2))
+        await s.add(make_key("badmeta", 3))
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE knox_keys SET versions = x'c1' WHERE id = 'bad'")
+            conn.execute("UPDATE knox_keys SET hash = x'00' WHERE id = 'badmeta'")
+        conn.close()
+        for store in (s, reopened := await SQLiteKeyStore.open(path)):
+            try:
+                with pytest.raises(CorruptRowError, match="stored key bad: versions column"):
+                    await store.get("bad")
+                with pytest.raises(CorruptRowError, match="stored key badmeta: hash column"):
+                    await store.get("badmeta")
+                with pytest.raises(CorruptRowError, match="stored key badmeta: hash column"):
+                    await store.meta(["good", "badmeta"])
+                with pytest.raises(CorruptRowError, match="badmeta"):
+                    await store.meta()
+                assert await store.get("good") == good
+                # Bad versions leave the change check working.
+                assert list(await store.meta(["bad", "good"])) == ["bad", "good"]
+            finally:
+                if store is reopened:
+                    await store.aclose()
+
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM knox_keys WHERE id = 'badmeta'")
+            conn.execute("INSERT INTO knox_keys VALUES (x'00', '[]', 'h', x'90', 99)")
+        conn.close()
+        with pytest.raises(CorruptRowError, match="1 key ids are not text"):
+            await s.meta()
+        assert sorted(await s.meta(["good", "bad"])) == ["bad", "good"]
+        # Rewriting a corrupt row makes it readable again.
+        await s.delete("bad")
+        assert await s.get("bad") is None
+    finally:
+        await s.aclose()
+
+
+async def test_rewrap_by_another_store_while_reads_are_served(
+    two_stores: tuple[SQLiteKeyStore, SQLiteKeyStore],
+) -> None:
+    server, rewrapper = two_stores
+    old = MasterKeyring({0: b"\x00" * 32})
+    both = MasterKeyring({0: b"\x00" * 32, 1: b"\x11" * 32})
+    new_only = MasterKeyring({1: b"\x11" * 32})
+
+    def sealed_key(key_id: str) -> StoredKey:
+        versions = tuple(
+            StoredVersion(
+                vid,
+                old.seal(key_id, vid, vid, b"%s v%d" % (key_id.encode(), vid)),
+                VersionStatus.ACTIVE,
+                vid,
+            )
+            for vid in (1, 2)
+        )
+        return StoredKey(id=key_id, acl=ACL, versions=versions, hash=f"h-{key_id}")
+
+    def opens(key: StoredKey | None, ring: MasterKeyring) -> None:
+        assert key is not None
+        for v in key.versions:
+            assert ring.open(key.id, v.id, v.ts, v.sealed) == b"%s v%d" % (key.id.encode(), v.id)
+
+    key_ids = [f"k{i:02d}" for i in range(40)]
+    for key_id in key_ids:
+        await server.add(sealed_key(key_id))
+    hashes = {key_id: KeyMeta(hash=f"h-{key_id}", acl=ACL) for key_id in key_ids}
+    reads = 0
+
+    async def serve_reads(done: trio.Event) -> None:
+        nonlocal reads
+        while not done.is_set():
+            for key_id in key_ids:
+                opens(await server.get(key_id), both)
+                reads += 1
+            assert await server.meta(key_ids) == hashes
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+            nursery.start_soon(serve_reads, done)
+            report = await rewrap(rewrapper, both)
+            done.set()
+    assert report.keys_rewrapped == len(key_ids) and report.ok
+    assert reads > 0
+    for key_id in key_ids:
+        opens(await server.get(key_id), new_only)
