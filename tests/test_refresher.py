@@ -198,8 +198,11 @@ def test_refusals_are_remembered_for_the_ttl_and_then_asked_again() -> None:
     assert s.refusal("k", 141.0) is None
     s.register(["k"], 141.0)
     assert s.next_step(141.0) == Fetch(("k",))
+    # Whoever registered it again waits for this answer: it is news.
+    assert s.refused("k", Refusal.NOT_FOUND, 142.0) is True
+    s.register(["k"], 200.0)
     s.fetched("k", H2)
-    assert s.refusal("k", 141.0) is None
+    assert s.refusal("k", 200.0) is None
     assert s.hashes["k"] == H2
 
 

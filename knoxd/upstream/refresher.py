@@ -246,8 +246,8 @@ class RefreshState:
         return key_id in self.registered
 
     def register(self, key_ids: Iterable[str], now: float) -> list[str]:
-        """Register keys; new ones, and refused ones whose refusal expired, queue for a fetch at
-        once. Returns the ids that were not registered before."""
+        """Register keys; new ones, and refused ones whose refusal expired (which is then
+        forgotten), queue for a fetch at once. Returns the ids that were not registered before."""
         new: list[str] = []
         for key_id in key_ids:
             if key_id not in self.registered:
@@ -255,6 +255,8 @@ class RefreshState:
                 self._urgent[key_id] = None
                 new.append(key_id)
             elif key_id in self._refused and self._refusal_expired(key_id, now):
+                # Forgotten, so that the answer is news again for whoever registered it.
+                del self._refused[key_id]
                 self._urgent[key_id] = None
         return new
 
