@@ -5,7 +5,7 @@ One table, one row per key::
     knox_keys(id TEXT PRIMARY KEY, acl TEXT, hash TEXT, versions BLOB, row_version INTEGER)
 
 ``acl`` is the ACL in Knox's JSON form (readable with the ``sqlite3`` shell), ``versions`` the
-version list in the compact msgpack form of :func:`encode_versions` (each version's data stays
+version list in the compact msgpack form of :mod:`knox_server.rowcodec` (each version's data stays
 sealed). ``row_version`` comes from a counter shared by all rows, so it only ever grows: a key
 deleted and created again never gets a row version an old reader holds, and a stale update fails.
 
@@ -23,28 +23,36 @@ load; if so the table is loaded again in a worker thread first, so a read never 
 older than the last commit of any connection. A write that fails also forces a reload. The
 PostgreSQL backend, made for several servers sharing a database, keeps no such copy.
 
-The column codecs (:func:`encode_acl`, :func:`decode_acl`, :func:`encode_versions`,
-:func:`decode_versions`, :func:`decode_row`) are backend-neutral, so the PostgreSQL backend stores
-the same bytes.
+The column codecs live in :mod:`knox_server.rowcodec`, shared with the PostgreSQL backend (which
+stores the same bytes); they are re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import msgpack
 import trio
 
 from knox.errors import ConcurrentChangeError, InternalError, KeyExistsError, KeyNotFoundError
-from knox.model import ACL, PrincipalType, VersionStatus
-from knox.wire import WireError, acl_from_obj, acl_to_obj, decode_json, dumps
-from knox_server.store import KeyMeta, StoredKey, StoredVersion
+from knox_server.rowcodec import (
+    ColumnFormatError,
+    CorruptRowError,
+    decode_acl,
+    decode_meta,
+    decode_row,
+    decode_row_version_column,
+    decode_versions,
+    decode_versions_column,
+    encode_acl,
+    encode_columns,
+    encode_versions,
+)
+from knox_server.store import KeyMeta, StoredKey
 
 __all__ = [
     "APPLICATION_ID",
@@ -63,10 +71,6 @@ __all__ = [
 APPLICATION_ID = 0x4B4E5853  # "KNXS", so a knoxd cache or another program's file is recognised
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0
-_ACL_CACHE_SIZE = 4096
-_U64_MAX = 2**64 - 1
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
-_STATUSES = {s.value: s for s in VersionStatus}
 
 _SCHEMA = (
     """CREATE TABLE knox_keys (
@@ -86,133 +90,6 @@ _SCHEMA = (
 )
 
 _T = TypeVar("_T")
-
-
-class ColumnFormatError(ValueError):
-    """A column value that does not encode or decode; the message says which part and why."""
-
-
-class CorruptRowError(InternalError):
-    """A stored row that does not decode. The message names the key and the column only."""
-
-
-# --- backend-neutral column codecs ------------------------------------------------------------
-
-
-def encode_acl(acl: ACL) -> str:
-    """The ACL as Knox's JSON array text."""
-    return dumps(acl_to_obj(acl)).decode("utf-8")
-
-
-@functools.lru_cache(maxsize=_ACL_CACHE_SIZE)
-def _decode_acl_cached(text: str) -> ACL:
-    acl = acl_from_obj(decode_json(text, "acl"))
-    if any(e.type is PrincipalType.UNKNOWN for e in acl):
-        raise WireError("acl: unknown principal type")
-    return acl
-
-
-def decode_acl(text: str) -> ACL:
-    """Inverse of :func:`encode_acl`; raises :class:`~knox.wire.WireError` on malformed text.
-
-    Results are memoised by text: the change-check route decodes the same few ACLs constantly.
-    """
-    return _decode_acl_cached(text)
-
-
-def encode_versions(versions: Iterable[StoredVersion]) -> bytes:
-    """The version list as msgpack: an array of ``[id, status, ts, sealed]`` arrays, in order.
-
-    Raises :class:`ColumnFormatError` if an id is not a u64 or a ts not an i64 (they would not
-    decode).
-    """
-    items = []
-    for i, v in enumerate(versions):
-        if not 0 <= v.id <= _U64_MAX:
-            raise ColumnFormatError(f"version {i}: id is not a 64-bit unsigned integer")
-        if not _I64_MIN <= v.ts <= _I64_MAX:
-            raise ColumnFormatError(f"version {i}: ts is not a 64-bit signed integer")
-        items.append([v.id, v.status.value, v.ts, v.sealed])
-    packed = msgpack.packb(items, use_bin_type=True)
-    assert isinstance(packed, bytes)
-    return packed
-
-
-def decode_versions(raw: bytes) -> tuple[StoredVersion, ...]:
-    """Inverse of :func:`encode_versions`; :class:`ColumnFormatError` on anything malformed."""
-    try:
-        obj = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise ColumnFormatError(f"not msgpack ({type(e).__name__})") from None
-    if not isinstance(obj, list):
-        raise ColumnFormatError("expected an array of versions")
-    versions = []
-    for i, item in enumerate(obj):
-        if not (isinstance(item, list) and len(item) == 4):
-            raise ColumnFormatError(f"version {i}: expected a 4-element array")
-        vid, status, ts, sealed = item
-        if type(vid) is not int or not 0 <= vid <= _U64_MAX:
-            raise ColumnFormatError(f"version {i}: bad id")
-        if not isinstance(status, str) or status not in _STATUSES:
-            raise ColumnFormatError(f"version {i}: bad status")
-        if type(ts) is not int or not _I64_MIN <= ts <= _I64_MAX:
-            raise ColumnFormatError(f"version {i}: bad ts")
-        if not isinstance(sealed, bytes):
-            raise ColumnFormatError(f"version {i}: sealed data is not bytes")
-        versions.append(StoredVersion(id=vid, sealed=sealed, status=_STATUSES[status], ts=ts))
-    return tuple(versions)
-
-
-def decode_row(
-    key_id: str, acl: object, hash_: object, versions: object, row_version: object
-) -> StoredKey:
-    """A :class:`StoredKey` from raw column values; :class:`CorruptRowError` naming the key and the
-    column if any does not decode."""
-    return StoredKey(
-        id=key_id,
-        acl=_decode_acl_column(key_id, acl),
-        versions=_decode_versions_column(key_id, versions),
-        hash=_decode_hash_column(key_id, hash_),
-        row_version=_decode_row_version_column(key_id, row_version),
-    )
-
-
-def decode_meta(key_id: str, acl: object, hash_: object) -> KeyMeta:
-    """A :class:`KeyMeta` from raw column values; :class:`CorruptRowError` as :func:`decode_row`."""
-    return KeyMeta(hash=_decode_hash_column(key_id, hash_), acl=_decode_acl_column(key_id, acl))
-
-
-def _decode_acl_column(key_id: str, value: object) -> ACL:
-    if not isinstance(value, str):
-        raise CorruptRowError(f"stored key {key_id}: acl column is not text")
-    try:
-        return decode_acl(value)
-    except WireError as e:
-        raise CorruptRowError(f"stored key {key_id}: acl column does not decode ({e})") from None
-
-
-def _decode_versions_column(key_id: str, value: object) -> tuple[StoredVersion, ...]:
-    if not isinstance(value, bytes):
-        raise CorruptRowError(f"stored key {key_id}: versions column is not a blob")
-    try:
-        return decode_versions(value)
-    except ColumnFormatError as e:
-        raise CorruptRowError(f"stored key {key_id}: versions column: {e}") from None
-
-
-def _decode_hash_column(key_id: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise CorruptRowError(f"stored key {key_id}: hash column is not text")
-    return value
-
-
-def _decode_row_version_column(key_id: str, value: object) -> int:
-    if type(value) is not int:
-        raise CorruptRowError(f"stored key {key_id}: row_version column is not an integer")
-    return value
-
-
-# --- the SQLite shell --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +182,7 @@ class SQLiteKeyStore:
         return out
 
     async def add(self, key: StoredKey) -> StoredKey:
-        acl, versions = _encode_columns(key)
+        acl, versions = encode_columns(key)
 
         def insert(c: sqlite3.Connection) -> int | None:
             with _transaction(c):
@@ -332,7 +209,7 @@ class SQLiteKeyStore:
             return self._remember(key.id, acl, key.hash, versions, row_version)
 
     async def update(self, key: StoredKey) -> StoredKey:
-        acl, versions = _encode_columns(key)
+        acl, versions = encode_columns(key)
 
         def update(c: sqlite3.Connection) -> tuple[int | None, bool]:
             """(new row version, True) if updated; (None, whether the key still exists) if not."""
@@ -443,13 +320,6 @@ class SQLiteKeyStore:
         return key
 
 
-def _encode_columns(key: StoredKey) -> tuple[str, bytes]:
-    try:
-        return encode_acl(key.acl), encode_versions(key.versions)
-    except (ColumnFormatError, WireError) as e:
-        raise InternalError(f"Key {key.id} cannot be stored: {e}") from None
-
-
 def _guarded(fn: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connection) -> _T:
     """Run ``fn``, turning any SQLite failure into an :class:`InternalError` that names the error
     class only (SQLite messages can quote values)."""
@@ -509,9 +379,9 @@ def _load(conn: sqlite3.Connection) -> _Table:
             keys[key_id] = StoredKey(
                 id=key_id,
                 acl=m.acl,
-                versions=_decode_versions_column(key_id, versions),
+                versions=decode_versions_column(key_id, versions),
                 hash=m.hash,
-                row_version=_decode_row_version_column(key_id, row_version),
+                row_version=decode_row_version_column(key_id, row_version),
             )
         except CorruptRowError as e:
             # Bad versions or row_version leave the metadata readable: keep it if it decoded.
