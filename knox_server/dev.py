@@ -6,11 +6,13 @@ machine certificate for this host's hostname, a SPIFFE workload certificate
 every new key grants Admin, and ``dev`` with no groups) with the plaintext tokens in
 ``admin.token`` and ``dev.token``, a master key file and an SQLite database. Later runs reuse them.
 Once the server listens, ``knoxd.toml`` (a daemon config for this PKI, peers = the calling uid) and
-``dev.json`` (every path, absolute) are written for the current URL.
+``dev.json`` (every path, absolute) are written for the current URL. The daemon's admin group is
+the caller's primary group, so ``knoxctl status`` works without root.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -94,12 +96,14 @@ def prepare_dev_state(directory: Path) -> DevState:
 
 def _knoxd_toml(state: DevState, url: str) -> str:
     uid = os.getuid()
+    group = grp.getgrgid(os.getgid()).gr_name
     d = state.directory
     return f"""# knoxd configuration for the dev server at {url}; written by `knox-server dev`.
 [daemon]
 state_dir = "{d / "knoxd"}"
 workload_socket = "{d / "knoxd.sock"}"
 admin_socket = "{d / "admin" / "admin.sock"}"
+admin_group = "{group}"
 refresh_seconds = 60
 revalidate_seconds = 600
 

@@ -24,14 +24,14 @@ from typing import Any, BinaryIO, NoReturn, TextIO
 
 from knox import __version__
 from knox.errors import KnoxError
-from knoxctl import keys
+from knoxctl import daemon_cmds, keys
 from knoxctl.command import EXIT_ERROR, CommandError, Invocation, UsageError
 
 __all__ = ["COMMAND_SETS", "Registrar", "build_parser", "main"]
 
 Registrar = Callable[[argparse.ArgumentParser, Any, dict[str, argparse.ArgumentParser]], None]
 
-COMMAND_SETS: tuple[Registrar, ...] = (keys.register,)
+COMMAND_SETS: tuple[Registrar, ...] = (keys.register, daemon_cmds.register)
 
 _EXIT_INTERRUPTED = 130
 

@@ -29,13 +29,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from knox.client import DEFAULT_SOCKET, Client, DaemonError, DaemonUnavailable
-from knoxctl.command import EXIT_OK, CommandError, Handler, Invocation
+from knoxctl.command import EXIT_OK, CommandError, Handler, Invocation, UsageError
 
 __all__ = ["DEFAULT_ADMIN_SOCKET", "register"]
 
 DEFAULT_ADMIN_SOCKET = "/run/knoxd-admin/admin.sock"
 _TIMEOUT = 10.0
 _WAIT_MS = 10_000
+_MAX_WAIT_S = 30  # PROTOCOL.md: wait_ms <= 30,000
 
 
 def _socket(inv: Invocation, admin: bool) -> str:
@@ -47,10 +48,11 @@ def _socket(inv: Invocation, admin: bool) -> str:
 
 
 @contextmanager
-def _client(inv: Invocation, admin: bool) -> Iterator[Client]:
-    """A client for one command: no cache, no waiting for a daemon that is not there."""
+def _client(inv: Invocation, admin: bool, wait: float = 0.0) -> Iterator[Client]:
+    """A client for one command: no cache, no waiting for a daemon that is not there; its
+    answers may take ``wait`` seconds longer (a get that waits for a first fetch)."""
     path = _socket(inv, admin)
-    client = Client(path, timeout=_TIMEOUT, reconnect_window=0.0, cache=False)
+    client = Client(path, timeout=_TIMEOUT + wait, reconnect_window=0.0, cache=False)
     try:
         yield client
     except DaemonUnavailable as exc:
@@ -211,9 +213,13 @@ def _daemon_get(server_get: Handler) -> Handler:
         a = inv.args
         if a.json or a.all:
             raise CommandError("knoxctl: get --daemon prints raw data; -j and -a need the server")
-        with _client(inv, admin=False) as client:
+        if not 0 <= a.wait <= _MAX_WAIT_S:
+            raise UsageError(f"knoxctl: --wait takes 0 to {_MAX_WAIT_S} seconds")
+        with _client(inv, admin=False, wait=a.wait) as client:
             if a.version is None:
-                data = client.get_primary(a.key)
+                # Register-and-wait, so a key this identity never read before works in one call.
+                wait_ms = round(a.wait * 1000) if a.wait > 0 else None
+                data = client.get(a.key, wait_ms=wait_ms).primary.data
             else:
                 try:
                     version = int(a.version)
@@ -283,4 +289,12 @@ def register(
 
     get = parsers["get"]
     get.add_argument("--daemon", action="store_true", help="read from knoxd, not the server")
+    get.add_argument(
+        "--wait",
+        type=float,
+        default=_WAIT_MS / 1000,
+        metavar="SECONDS",
+        help="with --daemon: register the key if needed and wait this long for its first fetch "
+        f"(default {_WAIT_MS / 1000:g}; 0: only keys already registered)",
+    )
     get.set_defaults(handler=_daemon_get(get.get_default("handler")))

@@ -16,8 +16,11 @@ from pathlib import Path
 import structlog
 import trio
 
+from knox import __version__
 from knoxd.config import Config, ConfigError, load_config
-from knoxd.daemon import StartupError, run_daemon
+from knoxd.daemon import DaemonContext, StartupError, run_daemon
+from knoxd.socket_api.listener import ListenerError
+from knoxd.socket_api.server import SocketContext, serve_sockets
 
 __all__ = ["DEFAULT_CONFIG", "main"]
 
@@ -49,10 +52,23 @@ def configure_logging(level: int = logging.INFO) -> None:
     )
 
 
+async def _serve(context: DaemonContext) -> None:
+    await serve_sockets(
+        SocketContext(
+            config=context.config,
+            view=context.view,
+            fetch=context.fetcher,
+            version=__version__,
+            started_at=context.started_at,
+        )
+    )
+
+
 async def _run(config: Config) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        await run_daemon(config)
+        await run_daemon(config, serve_sockets=_serve)
+        nursery.cancel_scope.cancel()
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
@@ -74,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         trio.run(_run, config)
-    except* StartupError as group:
+    except* (StartupError, ListenerError) as group:
         for reason in group.exceptions:
             sys.stderr.write(f"knoxd: cannot start: {reason}\n")
         status = 1

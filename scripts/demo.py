@@ -46,9 +46,14 @@ def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: floa
             sys.exit(
                 f"demo: knoxd exited with status {process.returncode}; see {STATE / 'knoxd.log'}"
             )
-        if path.exists():
-            return
-        time.sleep(0.05)
+        # The file may be left over from an earlier run: wait until the daemon accepts.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except OSError:
+                time.sleep(0.05)
+            else:
+                return
     sys.exit(f"demo: knoxd did not create {path} within {timeout:.0f} s")
 
 
@@ -90,7 +95,7 @@ def main() -> None:
             )
         children.append(knoxd)
         _wait_for_socket(workload_socket, knoxd, timeout=30)
-        value = _knoxctl("get", "--daemon", "--socket", str(workload_socket), KEY, env=env)
+        value = _knoxctl("--socket", str(workload_socket), "get", "--daemon", KEY, env=env)
         print(f"read {KEY} through knoxd's socket: {value.decode()!r}\n")
         print(
             f"""The dev server ({info["url"]}) and knoxd are running; state in {STATE}.
@@ -99,9 +104,9 @@ Try, in another shell:
   {BIN}/knoxctl --token-file {info["tokens"]["admin"]} versions {KEY}
   echo -n rotated | {BIN}/knoxctl --token-file {info["tokens"]["admin"]} add {KEY}
   {BIN}/knoxctl --token-file {info["tokens"]["admin"]} promote {KEY} <the new version id>
-  {BIN}/knoxctl get --daemon --socket {workload_socket} {KEY}
-  {BIN}/knoxctl status --admin-socket {STATE / "admin" / "admin.sock"}
-  {BIN}/knoxctl cache ls --admin-socket {STATE / "admin" / "admin.sock"}
+  {BIN}/knoxctl --socket {workload_socket} get --daemon {KEY}
+  {BIN}/knoxctl --admin-socket {STATE / "admin" / "admin.sock"} status
+  {BIN}/knoxctl --admin-socket {STATE / "admin" / "admin.sock"} cache ls
 Ctrl-C stops both."""
         )
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

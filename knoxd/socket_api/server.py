@@ -240,9 +240,10 @@ async def _handle(state: ServerState, sock: socket.socket, admin: bool) -> None:
         async with trio.open_nursery() as nursery:
             await _Connection(state, sock, session).run(nursery)
             nursery.cancel_scope.cancel()
-    except OSError:
+    except* OSError:
+        # The peer went away (reset, broken pipe): nothing to answer.
         pass
-    except Exception:
+    except* Exception:
         # A bug: this connection ends, the server and every other connection go on.
         log.exception("connection failed", uid=uid, admin=admin)
     finally:
