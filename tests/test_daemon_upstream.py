@@ -465,13 +465,23 @@ class FakeKnox:
 
     ``fault``: ``"500"`` (every request answers code 1), ``"garbage"`` (every body is broken
     JSON), ``"wrong_id"`` / ``"bad_hash"`` (key GETs answer another key / a hash that does not
-    match the versions). ``faulted`` counts the bad answers given.
+    match the versions). ``faulted`` counts the bad answers given. With ``long_poll`` it honours
+    ``Prefer: wait=N`` on the change check as our server's extension does: the answer is held
+    until a key changes (:meth:`put`) or N seconds pass, and says ``Preference-Applied``.
     """
 
-    def __init__(self, keys: dict[str, Key]) -> None:
+    def __init__(self, keys: dict[str, Key], *, long_poll: bool = False) -> None:
         self.keys = keys
+        self.long_poll = long_poll
         self.fault: str | None = None
         self.faulted = 0
+        self.held = 0
+        self._changed = trio.Event()
+
+    def put(self, key: Key) -> None:
+        self.keys[key.id] = key
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -482,10 +492,23 @@ class FakeKnox:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        status, body = self.answer(scope["path"], scope["query_string"].decode())
         headers = [(b"content-type", b"application/json")]
+        prefer = dict(scope["headers"]).get(b"prefer", b"").decode()
+        path, query = scope["path"], scope["query_string"].decode()
+        if self.long_poll and path == "/v0/keys/" and prefer.startswith("wait="):
+            wait = int(prefer.removeprefix("wait="))
+            with trio.move_on_after(wait):
+                while not self.changed(query):
+                    self.held += 1
+                    await self._changed.wait()
+            headers.append((b"preference-applied", f"wait={wait}".encode()))
+        status, body = self.answer(path, query)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def changed(self, query: str) -> list[str]:
+        asked = dict(parse_qsl(query, keep_blank_values=True))
+        return [k for k, h in asked.items() if k in self.keys and self.keys[k].hash != h]
 
     def answer(self, path: str, query: str) -> tuple[int, bytes]:
         if self.fault == "500":
@@ -495,9 +518,7 @@ class FakeKnox:
             self.faulted += 1
             return 200, b'{"status": "ok", "code": 0, "data": ["trunc'
         if path == "/v0/keys/":
-            asked = dict(parse_qsl(query, keep_blank_values=True))
-            changed = [k for k, h in asked.items() if k in self.keys and self.keys[k].hash != h]
-            return 200, wire.ok_envelope(changed, host="fake", ts=1)
+            return 200, wire.ok_envelope(self.changed(query), host="fake", ts=1)
         key_id = path.removeprefix("/v0/keys/").removesuffix("/")
         key = self.keys.get(key_id)
         if key is None:
@@ -512,7 +533,21 @@ class FakeKnox:
         return 200, wire.ok_envelope(obj, host="fake", ts=1)
 
 
-def fake_config(tmp_path: Path, url: str, ca: CA) -> Config:
+@asynccontextmanager
+async def fake_knox(tmp_path: Path, fake: FakeKnox) -> AsyncIterator[tuple[str, CA]]:
+    """Serve ``fake`` over TLS (client certificates verified); yields its URL and CA."""
+    ca = CA.create()
+    cert, key = ca.server_cert().write(tmp_path, "server")
+    settings = ServeSettings(
+        listen=("127.0.0.1:0",), cert=cert, key=key, client_ca=ca.write_cert(tmp_path / "ca.pem")
+    )
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(serve, fake, settings)
+        yield urls[0], ca
+        nursery.cancel_scope.cancel()
+
+
+def fake_config(tmp_path: Path, url: str, ca: CA, *, refresh: float = 0.2) -> Config:
     cert, key = ca.machine_cert("web-1.example.com").write(tmp_path, "host")
     ca_path = ca.write_cert(tmp_path / "ca.pem")
     return parse_config(
@@ -521,7 +556,7 @@ def fake_config(tmp_path: Path, url: str, ca: CA) -> Config:
 state_dir = "{tmp_path / "state"}"
 workload_socket = "{tmp_path / "w.sock"}"
 admin_socket = "{tmp_path / "a.sock"}"
-refresh_seconds = 0.2
+refresh_seconds = {refresh}
 revalidate_seconds = 3600
 backoff_min_seconds = 0.05
 backoff_max_seconds = 0.3
@@ -553,28 +588,44 @@ uid = [0]
     ],
 )
 async def test_bad_answers_keep_the_old_value(tmp_path: Path, fault: str, reported: str) -> None:
-    ca = CA.create()
-    cert, key = ca.server_cert().write(tmp_path, "server")
-    settings = ServeSettings(
-        listen=("127.0.0.1:0",), cert=cert, key=key, client_ca=ca.write_cert(tmp_path / "ca.pem")
-    )
     fake = FakeKnox({"app:k": make_key("app:k", V1)})
     with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            urls: list[str] = await nursery.start(serve, fake, settings)
-            async with running(fake_config(tmp_path, urls[0], ca)) as context:
-                await until(lambda: primary(context, "app:k") == b"first")
-                fake.keys["app:k"] = make_key(
-                    "app:k", V2, dataclasses.replace(V1, status=VersionStatus.ACTIVE)
-                )
-                fake.fault = fault
-                await until(lambda: fake.faulted >= 2 and error_of(context, "app:k") is not None)
-                assert primary(context, "app:k") == b"first"
-                assert reported in (error_of(context, "app:k") or "")
-                fake.fault = None
-                await until(lambda: primary(context, "app:k") == b"second")
-                assert error_of(context, "app:k") is None
-            nursery.cancel_scope.cancel()
+        async with (
+            fake_knox(tmp_path, fake) as (url, ca),
+            running(fake_config(tmp_path, url, ca)) as context,
+        ):
+            await until(lambda: primary(context, "app:k") == b"first")
+            fake.keys["app:k"] = make_key(
+                "app:k", V2, dataclasses.replace(V1, status=VersionStatus.ACTIVE)
+            )
+            fake.fault = fault
+            await until(lambda: fake.faulted >= 2 and error_of(context, "app:k") is not None)
+            assert primary(context, "app:k") == b"first"
+            assert reported in (error_of(context, "app:k") or "")
+            fake.fault = None
+            await until(lambda: primary(context, "app:k") == b"second")
+            assert error_of(context, "app:k") is None
+
+
+async def test_a_long_polling_server_delivers_changes_and_new_registrations_promptly(
+    tmp_path: Path,
+) -> None:
+    fake = FakeKnox({"app:k": make_key("app:k", V1)}, long_poll=True)
+    with trio.fail_after(WAIT):
+        # A 60 s refresh interval: only the long-poll can deliver within the test.
+        async with (
+            fake_knox(tmp_path, fake) as (url, ca),
+            running(fake_config(tmp_path, url, ca, refresh=60)) as context,
+        ):
+            await until(lambda: primary(context, "app:k") == b"first")
+            await until(lambda: fake.held >= 1)
+            fake.put(make_key("app:k", V2, dataclasses.replace(V1, status=VersionStatus.ACTIVE)))
+            await until(lambda: primary(context, "app:k") == b"second")
+            # A registration while a check is held: the hold is cut short for it.
+            await until(lambda: fake.held >= 2)
+            fake.keys["app:other"] = make_key("app:other", V1)
+            await context.fetcher.register("host", ["app:other"])
+            await until(lambda: primary(context, "app:other") == b"first")
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -613,3 +664,31 @@ async def test_knoxd_command_runs_until_sigterm(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert b"missing.toml: cannot read" in bad.stderr
+
+
+async def test_an_unexpected_error_in_a_step_is_logged_and_refreshing_goes_on(
+    tmp_path: Path,
+) -> None:
+    failures: list[str] = []
+
+    def faulty_listener(change: Change) -> None:
+        # A bug elsewhere (listeners must not raise): the first notification blows up.
+        if not failures:
+            failures.append(change.key_id)
+            raise RuntimeError("listener bug")
+
+    with trio.fail_after(WAIT), structlog.testing.capture_logs() as logs:
+        async with dev_server(tmp_path / "server") as dev, admin_client(dev) as admin:
+            await admin.create_key("app:k", b"v1", [host_reads(dev)])
+            config = fast(load_config(dev.knoxd_config), refresh=3600)
+            async with running(config) as context:
+                context.view.subscribe("host", "app:k", faulty_listener)
+                await context.fetcher.register("host", ["app:k"])
+                await until(lambda: any("unexpectedly" in e["event"] for e in logs))
+                version = await admin.add_version("app:k", b"v2")
+                await admin.update_version("app:k", version, VersionStatus.PRIMARY)
+                context.fetcher.request_refresh("host", ["app:k"])
+                await until(lambda: primary(context, "app:k") == b"v2")
+    assert failures == ["app:k"]
+    bugs = [e for e in logs if "unexpectedly" in e["event"]]
+    assert [(b["log_level"], b["identity"]) for b in bugs] == [("error", "host")]

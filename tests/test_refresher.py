@@ -96,7 +96,7 @@ def test_uncached_keys_are_fetched_first_then_the_cached_ones_are_checked() -> N
 def test_changed_keys_are_fetched_and_the_next_check_waits_one_interval() -> None:
     s = state(["a", "b"], {"a": H, "b": H})
     assert isinstance(s.next_step(0), Check)
-    s.checked(["b", "unknown"], 0.5, held=False)
+    s.checked(["b", "unknown"], 0.5)
     s.succeeded()
     assert s.next_step(0.5) == Fetch(("b",))
     s.fetched("b", H2)
@@ -109,9 +109,13 @@ def test_changed_keys_are_fetched_and_the_next_check_waits_one_interval() -> Non
 
 def test_a_long_poll_server_is_asked_again_at_once() -> None:
     s = state(["a"], {"a": H})
-    s.checked([], 30.0, held=True)
-    assert s.check_at == 31.0
-    assert isinstance(s.next_step(31.0), Check)
+    # Held for 29 s: the next check goes at once.
+    s.checked([], 30.0, held_since=1.0)
+    assert s.check_at == 30.0
+    # Answered at once although "held": no sooner than a second after the last one was sent.
+    s.checked([], 30.2, held_since=30.1)
+    assert s.check_at == 31.1
+    assert isinstance(s.next_step(31.1), Check)
 
 
 def test_no_check_and_no_request_without_cached_keys() -> None:
@@ -126,7 +130,7 @@ def test_revalidation_fetches_every_registered_key_once_per_interval() -> None:
     first = s.revalidate_at
     assert 540 <= first <= 600
     assert isinstance(s.next_step(first - 1), Check)
-    s.checked([], first - 1, held=False)
+    s.checked([], first - 1)
     assert s.next_step(first) == Fetch(("a", "b"))
     assert s.revalidate_at >= first + 540
     assert drain(s, first) == ["a", "b"]
@@ -214,7 +218,7 @@ def test_an_unusable_answer_for_an_uncached_key_is_retried_with_the_next_check()
     step = s.next_step(0)
     assert isinstance(step, Check)
     assert "new" not in step.hashes
-    s.checked([], 1, held=False)
+    s.checked([], 1)
     assert s.next_step(1) == Fetch(("new",))
 
 

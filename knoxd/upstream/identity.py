@@ -36,7 +36,7 @@ import itertools
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -392,20 +392,23 @@ class Identity:
         cannot rotate without a restart).
         """
         first = True
+        watcher = watchfiles.awatch(
+            *self.watched_directories(),
+            watch_filter=None,
+            stop_event=self._stop,
+            recursive=False,
+            rust_timeout=_RUST_TIMEOUT_MS,
+            yield_on_timeout=True,
+        )
         try:
-            async for changes in watchfiles.awatch(
-                *self.watched_directories(),
-                watch_filter=None,
-                stop_event=self._stop,
-                recursive=False,
-                rust_timeout=_RUST_TIMEOUT_MS,
-                yield_on_timeout=True,
-            ):
-                if changes or first:
-                    await self.reload()
-                if first:
-                    first = False
-                    task_status.started()
+            # aclosing: a cancelled watch still closes the generator (and its inotify watcher).
+            async with aclosing(watcher):
+                async for changes in watcher:
+                    if changes or first:
+                        await self.reload()
+                    if first:
+                        first = False
+                        task_status.started()
         except OSError as e:
             problem: str | None = str(e)
         else:

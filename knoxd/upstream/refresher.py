@@ -311,16 +311,19 @@ class RefreshState:
         self._urgent.pop(key_id, None)
         self._sweep.pop(key_id, None)
 
-    def checked(self, changed: Iterable[str], now: float, *, held: bool) -> None:
-        """The change check answered: ``changed`` keys queue for a fetch. ``held`` means the
-        server applied the long-poll, so the next check may follow at once."""
+    def checked(
+        self, changed: Iterable[str], now: float, *, held_since: float | None = None
+    ) -> None:
+        """The change check answered: ``changed`` keys queue for a fetch. ``held_since`` is when
+        a check the server held (it applied the long-poll) was sent: the next one may follow at
+        once, but no sooner than ``long_poll_floor_seconds`` after it, so that a server which
+        claims to hold and answers at once cannot drive a tight loop."""
         self._urgent.update(dict.fromkeys(sorted(set(changed) & self.registered)))
         self._urgent.update(dict.fromkeys(sorted(self._later)))
         self._later.clear()
-        if held:
-            self.check_at = now + min(
-                self.settings.long_poll_floor_seconds, self.settings.refresh_seconds
-            )
+        if held_since is not None:
+            floor = min(self.settings.long_poll_floor_seconds, self.settings.refresh_seconds)
+            self.check_at = max(now, held_since + floor)
         else:
             self.check_at = now + self._jittered(self.settings.refresh_seconds)
 
@@ -383,7 +386,8 @@ class Refresher:
         self.checks = 0
         self.fetches = 0
         self._wakeup: trio.Event | None = None
-        self._long_poll: trio.CancelScope | None = None
+        # The change check in flight, if it may be held (a long-poll), and when it started.
+        self._long_poll: tuple[trio.CancelScope, float] | None = None
         identity.add_listener(self._on_rotation)
 
     @property
@@ -391,11 +395,17 @@ class Refresher:
         return self.identity.name
 
     def wake(self) -> None:
-        """Re-plan now: ends a wait and a pending long-poll (new work or new credentials)."""
+        """Re-plan soon: ends a wait at once, and a change check in flight once it has run for
+        ``long_poll_floor_seconds`` (an ordinary check has answered by then; a long-poll the
+        server holds is cut short). So a stream of wake-ups can delay a check, never starve it.
+        """
         if self._wakeup is not None:
             self._wakeup.set()
         if self._long_poll is not None:
-            self._long_poll.cancel()
+            scope, started = self._long_poll
+            scope.deadline = min(
+                scope.deadline, started + self.state.settings.long_poll_floor_seconds
+            )
 
     def _on_rotation(self, principal_changed: bool) -> None:
         if principal_changed:
@@ -404,7 +414,8 @@ class Refresher:
         self.wake()
 
     async def run(self) -> None:
-        """Refresh until cancelled."""
+        """Refresh until cancelled. A step that fails in an unexpected way (a bug) is logged
+        with its traceback and backed off like an upstream failure: the cache keeps serving."""
         while True:
             step = self.state.next_step(trio.current_time())
             if isinstance(step, Wait):
@@ -412,19 +423,27 @@ class Refresher:
                 with trio.move_on_at(step.until):
                     await self._wakeup.wait()
                 self._wakeup = None
-            elif isinstance(step, Fetch):
-                await self._fetch(step.key_ids)
-            else:
-                await self._check(step)
+                continue
+            try:
+                if isinstance(step, Fetch):
+                    await self._fetch(step.key_ids)
+                else:
+                    await self._check(step)
+            except Exception as exc:
+                # A daemon on every host must not die of one bad step.
+                log.exception("refresh step failed unexpectedly", identity=self.name)
+                self.state.failed(trio.current_time(), f"internal error: {type(exc).__name__}")
 
     # --- the change check --------------------------------------------------------------------
 
     async def _check(self, step: Check) -> None:
         scope = trio.CancelScope(deadline=step.until if step.wait is not None else math.inf)
+        started = trio.current_time()
         try:
             async with self.identity.lease() as client:
                 with scope:
-                    self._long_poll = scope if step.wait is not None else None
+                    if step.wait is not None:
+                        self._long_poll = (scope, started)
                     result = await client.check_keys(step.hashes, wait=step.wait)
         except KnoxError as exc:
             self._failed(exc)
@@ -434,8 +453,8 @@ class Refresher:
         if scope.cancelled_caught:
             return
         self.checks += 1
-        held = result.preference_applied is not None
-        self.state.checked(result.ids, trio.current_time(), held=held)
+        held_since = started if result.preference_applied is not None else None
+        self.state.checked(result.ids, trio.current_time(), held_since=held_since)
         self._succeeded()
         changed = set(result.ids)
         at = self._wall_clock()
