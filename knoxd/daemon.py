@@ -16,7 +16,8 @@ wrong, and nothing is left running):
 
 The socket side plugs in through ``serve_sockets``, which receives the context and runs for as long
 as the daemon should; when it returns (or raises, or the caller cancels), the daemon shuts down:
-the watchers' stop events are set, the tasks cancelled, the clients closed and then the store.
+the watchers' stop events are set, the tasks cancelled, the clients closed and then the store
+(always, even under cancellation: a cache write in progress completes first).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def run_daemon(
             store = await CacheStore.open(state_dir, cache_key, max_bytes=cache_max_bytes)
         except (OSError, CacheKeyError, CacheOpenError) as exc:
             raise StartupError(_describe(exc)) from None
-        async with store:
+        try:
             view, registered = await _load_cache(config, store)
             settings = dataclasses.replace(
                 RefreshSettings.from_config(config.daemon),
@@ -138,6 +139,11 @@ async def run_daemon(
                     for identity in identities.values():
                         identity.stop()
                     nursery.cancel_scope.cancel()
+        finally:
+            # Even when the stop is cut short: the close waits for a write in progress, so the
+            # file is left closed and every answer already applied is in it.
+            with trio.CancelScope(shield=True):
+                await store.aclose()
     finally:
         for identity in identities.values():
             await identity.aclose()

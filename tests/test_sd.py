@@ -1,0 +1,326 @@
+"""knoxd under a service manager, without one: a real datagram socket stands in for systemd's
+notify socket, and a real parent process binds the sockets and execs knoxd with ``LISTEN_FDS``,
+``LISTEN_PID`` and ``LISTEN_FDNAMES``, as systemd does for socket activation.
+
+The helpers here (:class:`NotifySocket`, :func:`knoxd_process`, :func:`dev_knoxd_config`) are
+shared with ``test_knoxd_shutdown.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from knox.client import AsyncClient, BadRequestError, Client
+from knox_server.dev import prepare_dev_state, write_dev_outputs
+from knoxd.sd import MAX_STATUS_CHARS, Notifier, status_field, watchdog, watchdog_interval
+
+WAIT = 20
+REPO = Path(__file__).resolve().parent.parent
+
+# A systemd-like parent: binds the given Unix sockets, moves them to fds 3, 4, ... in order,
+# names them, and execs knoxd in the same process (so LISTEN_PID stays right).
+_ACTIVATOR = r"""
+import fcntl, os, socket, sys
+config, names, paths = sys.argv[1], sys.argv[2].split(":"), sys.argv[3:]
+high = []
+for path in paths:
+    if path == "-":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(64)
+    # Out of the way first, so that moving one to fd 3 + i never closes another.
+    high.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 64))
+    sock.close()
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index, inheritable=True)
+    os.close(fd)
+os.environ["LISTEN_FDS"] = str(len(paths))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDNAMES"] = ":".join(names)
+os.execv(sys.executable, [sys.executable, "-m", "knoxd", "--config", config])
+"""
+
+
+class NotifySocket:
+    """A bound ``AF_UNIX`` datagram socket: what systemd listens on for ``sd_notify``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.messages: list[list[str]] = []
+
+    async def __aenter__(self) -> NotifySocket:
+        await self.sock.bind(str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    async def receive(self) -> list[str]:
+        """The next message's fields (recorded in :attr:`messages`)."""
+        with trio.fail_after(WAIT):
+            data = await self.sock.recv(4096)
+        fields = data.decode().split("\n")
+        self.messages.append(fields)
+        return fields
+
+    async def until(self, field: str) -> list[str]:
+        """Receive until a message has ``field``; that message."""
+        while True:
+            fields = await self.receive()
+            if field in fields:
+                return fields
+
+    def drain(self) -> None:
+        """Record whatever is queued, without waiting."""
+        while True:
+            try:
+                data = _recv_nowait(self.sock)
+            except BlockingIOError:
+                return
+            self.messages.append(data.decode().split("\n"))
+
+
+def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
+    raw: socket.socket = sock._sock  # type: ignore[attr-defined]
+    return raw.recv(4096, socket.MSG_DONTWAIT)
+
+
+def dev_knoxd_config(
+    directory: Path, *, url: str = "https://127.0.0.1:9", sockets: Path | None = None
+) -> Path:
+    """A dev PKI and ``knoxd.toml`` in ``directory`` (upstream ``url``, unreachable by default);
+    with ``sockets``, the configured socket paths are moved into that directory."""
+    state = prepare_dev_state(directory)
+    config = Path(write_dev_outputs(state, url)["knoxd_config"])
+    if sockets is not None:
+        text = config.read_text()
+        for name, path in (("workload_socket", "w.sock"), ("admin_socket", "a/a.sock")):
+            text = re.sub(rf'(?m)^{name} = ".*"$', f'{name} = "{sockets / path}"', text)
+        config.write_text(text)
+    return config
+
+
+def knoxd_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without any systemd variables, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LISTEN_", "WATCHDOG_"))
+        and k not in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")
+    }
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def knoxd_process(
+    argv: Sequence[str], log: Path, env: Mapping[str, str]
+) -> AsyncIterator[trio.Process]:
+    """Run ``argv`` (logs to ``log``); SIGKILL it at the end if it still runs."""
+    with log.open("ab") as out:
+        process = await trio.lowlevel.open_process(
+            list(argv), stdout=out, stderr=out, cwd=REPO, env=dict(env)
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(WAIT):
+            await process.wait()
+
+
+def knoxd_argv(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "knoxd", "--config", str(config), *extra]
+
+
+# --- the notifier and the watchdog, in process -----------------------------------------------
+
+
+async def test_notify_sends_one_datagram_per_call_to_a_path_or_an_abstract_socket(
+    tmp_path: Path,
+) -> None:
+    async with NotifySocket(tmp_path / "notify") as systemd:
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(systemd.path)})
+        assert notifier.enabled
+        assert notifier.notify("READY=1", status_field("serving\n3 keys"))
+        assert await systemd.receive() == ["READY=1", "STATUS=serving 3 keys"]
+    name = f"knoxd-test-{os.getpid()}-{time.monotonic_ns()}"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as abstract:
+        await abstract.bind("\0" + name)
+        assert Notifier(f"@{name}").notify("STOPPING=1")
+        with trio.fail_after(WAIT):
+            assert await abstract.recv(100) == b"STOPPING=1"
+
+
+async def test_notify_without_a_usable_socket_returns_false_and_never_raises(
+    tmp_path: Path,
+) -> None:
+    assert not Notifier.from_environ({}).notify("READY=1")
+    assert not Notifier("relative/path").enabled
+    assert not Notifier("vsock:2:1234").enabled
+    gone = Notifier(str(tmp_path / "nobody-listens"))
+    assert gone.enabled
+    assert not gone.notify("WATCHDOG=1")
+    assert not gone.notify("WATCHDOG=1")
+    with pytest.raises(ValueError, match="not a notification field"):
+        gone.notify("READY")
+    with pytest.raises(ValueError, match="not a notification field"):
+        gone.notify("STATUS=two\nlines")
+
+
+def test_status_field_is_one_bounded_line() -> None:
+    assert status_field("  a\n b\tc ") == "STATUS=a b c"
+    long = status_field("x" * 1000)
+    assert len(long) == len("STATUS=") + MAX_STATUS_CHARS
+    assert long.endswith("…")
+
+
+def test_watchdog_interval_is_half_the_timeout_for_this_process_only() -> None:
+    me = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": me}) == 0.1
+    assert watchdog_interval({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "x"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({}) is None
+
+
+async def test_watchdog_pings_stop_while_the_loop_is_blocked_and_resume_after(
+    tmp_path: Path,
+) -> None:
+    interval = 0.02
+    async with NotifySocket(tmp_path / "notify") as systemd, trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog, Notifier(str(systemd.path)), interval)
+        assert await systemd.receive() == ["WATCHDOG=1"]
+        assert await systemd.receive() == ["WATCHDOG=1"]
+        # Everything sent so far is queued now: this task runs in the same loop as the pinger.
+        systemd.drain()
+        # A run loop stuck in a synchronous call, for many ping intervals.
+        time.sleep(interval * 15)  # noqa: ASYNC251
+        with pytest.raises(BlockingIOError):
+            _recv_nowait(systemd.sock)
+        assert await systemd.receive() == ["WATCHDOG=1"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_watchdog_sends_nothing_while_unhealthy(tmp_path: Path) -> None:
+    healthy = False
+    checks = 0
+    judged_often = trio.Event()
+
+    def judge() -> bool:
+        nonlocal checks
+        checks += 1
+        if checks == 5:
+            judged_often.set()
+        return healthy
+
+    async with NotifySocket(tmp_path / "notify") as systemd, trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: watchdog(Notifier(str(systemd.path)), 0.01, healthy=judge))
+        with trio.fail_after(WAIT):
+            await judged_often.wait()
+        with pytest.raises(BlockingIOError):
+            _recv_nowait(systemd.sock)
+        healthy = True
+        assert await systemd.receive() == ["WATCHDOG=1"]
+        nursery.cancel_scope.cancel()
+
+
+# --- knoxd as systemd runs it ----------------------------------------------------------------
+
+
+async def _status_over(path: Path) -> dict[str, object]:
+    def call() -> dict[str, object]:
+        with Client(path, cache=False, timeout=5) as client:
+            return client.status()
+
+    return await trio.to_thread.run_sync(call)
+
+
+async def test_socket_activated_knoxd_serves_the_passed_sockets_by_name_and_notifies_in_order(
+    tmp_path: Path,
+) -> None:
+    config = dev_knoxd_config(tmp_path / "dev", sockets=tmp_path / "own")
+    passed = tmp_path / "passed"
+    passed.mkdir()
+    admin, workload = passed / "admin.sock", passed / "work.sock"
+    log = tmp_path / "knoxd.log"
+    async with NotifySocket(tmp_path / "notify") as systemd:
+        env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path), WATCHDOG_USEC="100000")
+        # The admin socket first: knoxd must go by the names, not the order.
+        argv = [sys.executable, "-c", _ACTIVATOR, str(config), "admin:workload", str(admin)]
+        async with knoxd_process([*argv, str(workload)], log, env) as knoxd:
+            ready = await systemd.until("READY=1")
+            assert ready[0] == "READY=1"
+            assert ready[1].startswith("STATUS=serving 0 cached keys for 2 identities; upstream ")
+            await systemd.until("WATCHDOG=1")
+
+            async with AsyncClient(workload, cache=False, timeout=5) as client:
+                await client.ping()
+            with pytest.raises(BadRequestError):
+                await _status_over(workload)
+            status = await _status_over(admin)
+            assert status["cache"] == {"entries": 0, "stale": 0, "oldest_age_ms": 0}
+            # knoxd bound nothing of its own.
+            assert not (tmp_path / "own").exists()
+
+            knoxd.send_signal(signal.SIGTERM)
+            stopping = await systemd.until("STOPPING=1")
+            with trio.fail_after(WAIT):
+                assert await knoxd.wait() == 0, log.read_text()
+        systemd.drain()
+    assert stopping == ["STOPPING=1", "STATUS=stopping"]
+    # READY first, STOPPING last; between them only pings and changed summaries.
+    first, *between, last = systemd.messages
+    assert first == ready and last == stopping
+    assert ["WATCHDOG=1"] in between
+    assert all(m == ["WATCHDOG=1"] or m[0].startswith("STATUS=serving ") for m in between)
+    # The activated sockets stay (systemd owns them); knoxd never touched the paths.
+    assert admin.exists() and workload.exists()
+
+
+async def test_a_passed_socket_of_the_wrong_kind_fails_the_start_with_a_status(
+    tmp_path: Path,
+) -> None:
+    config = dev_knoxd_config(tmp_path / "dev", sockets=tmp_path / "own")
+    log = tmp_path / "knoxd.log"
+    async with NotifySocket(tmp_path / "notify") as systemd:
+        env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path))
+        argv = [sys.executable, "-c", _ACTIVATOR, str(config), "workload", "-"]
+        async with knoxd_process(argv, log, env) as knoxd:
+            status = await systemd.receive()
+            with trio.fail_after(WAIT):
+                assert await knoxd.wait() == 1
+    assert status == ["STATUS=cannot start: systemd passed fd 3, which is not a Unix stream socket"]
+    assert "not a Unix stream socket" in log.read_text()
+    assert not (tmp_path / "own").exists()
+
+
+async def test_knoxd_with_an_unusable_config_says_why_in_its_status(tmp_path: Path) -> None:
+    config = tmp_path / "knoxd.toml"
+    config.write_text("[daemon]\nnope = 1\n")
+    async with NotifySocket(tmp_path / "notify") as systemd:
+        env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path))
+        async with knoxd_process(knoxd_argv(config), tmp_path / "knoxd.log", env) as knoxd:
+            (status,) = await systemd.receive()
+            with trio.fail_after(WAIT):
+                assert await knoxd.wait() == 2
+    assert status.startswith("STATUS=unusable configuration: ")
+    assert "nope" in status
