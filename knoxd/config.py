@@ -10,6 +10,22 @@ escapes: a bad file never gives a traceback.
 
 Durations are seconds (integers or floats, finite, at most a year). Paths must be absolute, since
 the daemon's working directory is not a meaningful anchor.
+
+Beyond the keys of ``knoxd-config.md``, two ways of delivering keys to programs that do not speak
+the socket protocol:
+
+* ``[daemon] credentials_socket`` (optional; no default) and ``[[credential]]`` tables
+  (``unit``, ``name``, ``key``, ``identity``): systemd's ``LoadCredential=NAME:SOCKET`` in ``unit``
+  receives the primary data of ``key`` as ``identity`` holds it (see :mod:`knoxd.credentials`).
+  ``name`` defaults to the key id, which must then hold no ``:``.
+* ``[daemon] export_dir`` (default ``/var/lib/knox``) and ``[[export]]`` tables (``key``,
+  ``identity``, ``owner``, ``group``, ``mode``): the key is written to ``EXPORT_DIR/v0/keys/KEY`` in
+  Knox's JSON form (see :mod:`knoxd.export`). ``owner`` and ``group`` are names or numeric ids
+  (default ``0``, root), ``mode`` an octal integer or string (default ``0o640``; world-writable
+  modes are refused).
+
+Every key a credential or an export serves is registered for its identity at start: it is added to
+that identity's ``keys``.
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,11 +45,15 @@ from knox.model import is_valid_key_id
 
 __all__ = [
     "DEFAULT_ADMIN_SOCKET",
+    "DEFAULT_EXPORT_DIR",
+    "DEFAULT_EXPORT_MODE",
     "DEFAULT_STATE_DIR",
     "DEFAULT_WORKLOAD_SOCKET",
     "Config",
     "ConfigError",
+    "CredentialConfig",
     "DaemonConfig",
+    "ExportConfig",
     "IdentityConfig",
     "IdentityKind",
     "PeerSelectors",
@@ -45,6 +65,8 @@ __all__ = [
 DEFAULT_STATE_DIR = Path("/var/lib/knoxd")
 DEFAULT_WORKLOAD_SOCKET = Path("/run/knoxd/knoxd.sock")
 DEFAULT_ADMIN_SOCKET = Path("/run/knoxd-admin/admin.sock")
+DEFAULT_EXPORT_DIR = Path("/var/lib/knox")
+DEFAULT_EXPORT_MODE = 0o640
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_SECONDS = 366 * 86400
@@ -56,6 +78,9 @@ _IDENTITY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
 _GROUP_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,255}")
 _UNIT_RE = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.[a-z]+")
+# A stricter subset of systemd's credential names (printable, no "/" or ":", at most 255 bytes).
+_CREDENTIAL_NAME_RE = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9_.@+-]{0,254}")
+_USER_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,255}")
 
 
 class ConfigError(Exception):
@@ -95,6 +120,8 @@ class DaemonConfig:
     jitter: float = 0.1
     backoff_min_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
+    credentials_socket: Path | None = None
+    export_dir: Path = DEFAULT_EXPORT_DIR
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +162,37 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialConfig:
+    """One ``[[credential]]``: the systemd unit ``unit`` asking for the credential ``name`` (the id
+    in its ``LoadCredential=``) receives the primary data of ``key`` as ``identity`` holds it."""
+
+    unit: str
+    name: str
+    key: str
+    identity: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """One ``[[export]]``: ``key`` as ``identity`` holds it, written in Knox's JSON form with this
+    owner, group (a name, or a numeric id) and mode."""
+
+    key: str
+    identity: str
+    owner: str | int = 0
+    group: str | int = 0
+    mode: int = DEFAULT_EXPORT_MODE
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole file. ``identities`` keeps the file's order (the first match wins)."""
 
     daemon: DaemonConfig
     upstream: UpstreamConfig
     identities: tuple[IdentityConfig, ...]
+    credentials: tuple[CredentialConfig, ...] = ()
+    exports: tuple[ExportConfig, ...] = ()
 
     def identity(self, name: str) -> IdentityConfig | None:
         return next((i for i in self.identities if i.name == name), None)
@@ -171,14 +223,31 @@ def parse_config(text: str, *, source: str = "knoxd.toml") -> Config:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     ctx = _Context(source, text)
     top = _Table(ctx, data, (), "")
-    top.check_keys({"daemon", "upstream", "identity"})
+    top.check_keys({"daemon", "upstream", "identity", "credential", "export"})
     daemon = _daemon(top.table("daemon"))
     upstream_table = top.table("upstream")
     if upstream_table is None:
         raise ctx.error((), "upstream", "the [upstream] table is required")
     upstream = _upstream(upstream_table)
     identities = _identities(ctx, data.get("identity"))
-    return Config(daemon=daemon, upstream=upstream, identities=identities)
+    names = {i.name for i in identities}
+    credentials = _credentials(ctx, data.get("credential"), names)
+    exports = _exports(ctx, data.get("export"), names)
+    served: dict[str, list[str]] = {name: [] for name in names}
+    for credential in credentials:
+        served[credential.identity].append(credential.key)
+    for export in exports:
+        served[export.identity].append(export.key)
+    identities = tuple(
+        replace(i, keys=tuple(dict.fromkeys((*i.keys, *served[i.name])))) for i in identities
+    )
+    return Config(
+        daemon=daemon,
+        upstream=upstream,
+        identities=identities,
+        credentials=credentials,
+        exports=exports,
+    )
 
 
 # --- the tables ------------------------------------------------------------------------------
@@ -206,6 +275,8 @@ def _daemon(t: _Table | None) -> DaemonConfig:
             "jitter",
             "backoff_min_seconds",
             "backoff_max_seconds",
+            "credentials_socket",
+            "export_dir",
         }
     )
     d = DaemonConfig(
@@ -222,11 +293,19 @@ def _daemon(t: _Table | None) -> DaemonConfig:
         jitter=t.fraction("jitter", 0.1),
         backoff_min_seconds=t.seconds("backoff_min_seconds", 1.0),
         backoff_max_seconds=t.seconds("backoff_max_seconds", 300.0),
+        credentials_socket=(
+            t.socket_path("credentials_socket", DEFAULT_WORKLOAD_SOCKET)
+            if "credentials_socket" in t.data
+            else None
+        ),
+        export_dir=t.path("export_dir") or DEFAULT_EXPORT_DIR,
     )
     if d.backoff_min_seconds > d.backoff_max_seconds:
         raise t.error("backoff_min_seconds", "must not be larger than backoff_max_seconds")
     if d.workload_socket == d.admin_socket:
         raise t.error("admin_socket", "must differ from workload_socket")
+    if d.credentials_socket in (d.workload_socket, d.admin_socket):
+        raise t.error("credentials_socket", "must differ from workload_socket and admin_socket")
     return d
 
 
@@ -347,6 +426,75 @@ def _peers(t: _Table) -> PeerSelectors:
     )
 
 
+def _array_of_tables(ctx: _Context, raw: Any, name: str) -> list[_Table]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
+        raise ctx.error((), name, f"expected [[{name}]] tables")
+    return [_Table(ctx, table, (name, i), f"{name}[#{i + 1}]") for i, table in enumerate(raw)]
+
+
+def _key_and_identity(t: _Table, identities: set[str]) -> tuple[str, str]:
+    key = t.string("key", required=True)
+    if not is_valid_key_id(key):
+        raise t.error("key", f"{key!r} is not a valid key id")
+    identity = t.string("identity", required=True)
+    if identity not in identities:
+        raise t.error("identity", f"{identity!r} is not the name of an [[identity]]")
+    return key, identity
+
+
+def _credentials(ctx: _Context, raw: Any, identities: set[str]) -> tuple[CredentialConfig, ...]:
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for index, t in enumerate(_array_of_tables(ctx, raw, "credential")):
+        t.check_keys({"unit", "name", "key", "identity"})
+        unit = t.string("unit", required=True)
+        if not _UNIT_RE.fullmatch(unit):
+            raise t.error("unit", f"{unit!r} is not a systemd unit name (e.g. web.service)")
+        key, identity = _key_and_identity(t, identities)
+        if "name" in t.data:
+            name = t.string("name")
+            if not _CREDENTIAL_NAME_RE.fullmatch(name):
+                raise t.error(
+                    "name", f"{name!r}: use 1-255 letters, digits, '_', '.', '@', '+', '-'"
+                )
+        elif ":" in key:
+            raise t.error(
+                "name", f"is required: the key id {key!r} holds ':', which a credential name cannot"
+            )
+        else:
+            name = key
+        if (unit, name) in seen:
+            raise t.error(
+                "name", f"{unit} already has a credential {name!r} (credential #{seen[unit, name]})"
+            )
+        seen[unit, name] = index + 1
+        out.append(CredentialConfig(unit=unit, name=name, key=key, identity=identity))
+    return tuple(out)
+
+
+def _exports(ctx: _Context, raw: Any, identities: set[str]) -> tuple[ExportConfig, ...]:
+    seen: dict[str, int] = {}
+    out = []
+    for index, t in enumerate(_array_of_tables(ctx, raw, "export")):
+        t.check_keys({"key", "identity", "owner", "group", "mode"})
+        key, identity = _key_and_identity(t, identities)
+        if key in seen:
+            raise t.error("key", f"{key!r} is already exported (export #{seen[key]})")
+        seen[key] = index + 1
+        out.append(
+            ExportConfig(
+                key=key,
+                identity=identity,
+                owner=t.owner("owner", _USER_RE, "a user name"),
+                group=t.owner("group", _GROUP_RE, "a group name"),
+                mode=t.file_mode("mode", DEFAULT_EXPORT_MODE),
+            )
+        )
+    return tuple(out)
+
+
 # --- reading typed values, with errors that say where ----------------------------------------
 
 _Path = tuple[str | int, ...]
@@ -438,6 +586,35 @@ class _Table:
             raise self.error(
                 key, f"too long for a Unix socket (the limit is {MAX_SOCKET_PATH_BYTES} bytes)"
             )
+        return value
+
+    def owner(self, key: str, pattern: re.Pattern[str], what: str) -> str | int:
+        """A name matching ``pattern`` or a numeric id; default 0 (root)."""
+        value = self.data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise self.error(key, f"expected {what} or a numeric id")
+        if isinstance(value, int):
+            if not 0 <= value <= MAX_UNIX_ID:
+                raise self.error(key, f"must be in [0, {MAX_UNIX_ID}]")
+            return value
+        if not pattern.fullmatch(value):
+            raise self.error(key, f"{value!r} is not {what}")
+        return value
+
+    def file_mode(self, key: str, default: int) -> int:
+        """Permission bits, as an integer (``0o640``) or a string of octal digits (``"0640"``);
+        never world-writable."""
+        value = self.data.get(key, default)
+        if isinstance(value, str) and re.fullmatch(r"(?:0o)?[0-7]{1,4}", value):
+            value = int(value.removeprefix("0o"), 8)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, 'expected permission bits in octal (mode = 0o640 or "0640")')
+        if not 0 <= value <= 0o777:
+            raise self.error(
+                key, f"{value} is not a mode in [0, 0o777] (write it in octal: 0o640, not 640)"
+            )
+        if value & 0o002:
+            raise self.error(key, f"{value:#o} is world-writable")
         return value
 
     def _number(self, key: str, default: float) -> float:
