@@ -41,6 +41,19 @@ Deliberate departures from the Go server, each invisible to a well-behaved Knox 
   worker) is retried ``write_retries`` times before answering code 1 (Go answers 500 at once).
 
 ``GET /healthz`` answers 200 ``ok`` without authentication or audit.
+
+**Long-poll** (an extension a Go client never triggers): a change check (``GET /v0/keys/?id=hash…``)
+with ``Prefer: wait=N`` (RFC 7240; ``N`` capped at ``max_wait_seconds``) is answered at once if
+anything already differs, and otherwise held until a :class:`~knox_server.changes.ChangeHub`
+announces a change to one of the listed keys (then re-checked) or ``N`` seconds pass; the answer
+carries ``Preference-Applied: wait=N``. With the preference, a listed key the caller holds (a
+non-empty hash) but may no longer Read counts as changed too, so that a revocation reaches the
+caller (its GET then answers 403); this tells the caller nothing that GET would not. Unknown ids
+are dropped as always (a deleted key is noticed by the caller's revalidation). When the hub's
+``max_waiters`` requests are already held, the check is answered at once without
+``Preference-Applied`` (the caller polls instead). A held request whose client goes away is
+dropped at once. Every successful write announces its key to the hub. Without the preference,
+the change check is exactly the one described above.
 """
 
 from __future__ import annotations
@@ -117,9 +130,11 @@ from knox.wire import (
 )
 from knox_server.audit import AuditLog, AuditRecord, new_request_id
 from knox_server.auth import AuthResult
+from knox_server.changes import ChangeHub, Subscription
 from knox_server.store import KeyMeta, KeyStore, StoredKey, StoredVersion
 
 __all__ = [
+    "MAX_WAIT_SECONDS",
     "AppSettings",
     "Authenticates",
     "KnoxApp",
@@ -127,9 +142,11 @@ __all__ = [
     "create_app",
     "decode_base64",
     "parse_form",
+    "parse_prefer",
     "parse_query",
     "parse_status",
     "parse_version_id",
+    "prefer_wait",
 ]
 
 log = structlog.get_logger("knox_server.app")
@@ -146,6 +163,7 @@ _JSON_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-optio
 _INTERNAL_ERROR = "Internal Server Error"
 # Before retry n (from 0), wait a random time up to 2**n ms, so racing writers spread out.
 _RETRY_BASE_US = 1000
+MAX_WAIT_SECONDS = 60
 
 
 class Sealer(Protocol):
@@ -166,13 +184,15 @@ class Authenticates(Protocol):
 class AppSettings:
     """Behaviour knobs. ``host`` is the envelope's ``host`` field; ``default_acl`` entries are
     added (``acl_add``) to every new key after the creator's Admin entry; ``clock`` gives
-    nanoseconds since the epoch for envelopes, new versions and audit records."""
+    nanoseconds since the epoch for envelopes, new versions and audit records.
+    ``max_wait_seconds`` caps a long-poll's ``Prefer: wait``."""
 
     host: str
     default_acl: tuple[Access, ...] = ()
     knox_compat_list: bool = False
     max_body_bytes: int = 64 * 1024
     write_retries: int = 5
+    max_wait_seconds: int = MAX_WAIT_SECONDS
     clock: Callable[[], int] = time.time_ns
 
     def __post_init__(self) -> None:
@@ -180,6 +200,8 @@ class AppSettings:
             raise ValueError("max_body_bytes must not be negative")
         if self.write_retries < 0:
             raise ValueError("write_retries must not be negative")
+        if self.max_wait_seconds < 0:
+            raise ValueError("max_wait_seconds must not be negative")
 
 
 # --- pure request parsing ----------------------------------------------------------------------
@@ -271,6 +293,65 @@ def parse_version_id(raw: str) -> int:
             f"strconv.ParseUint: parsing {_go_quote(raw)}: value out of range"
         )
     return int(raw)
+
+
+_TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*"'
+_WORD = rf"(?:{_TCHARS}|{_QUOTED})"
+_PREFERENCE = re.compile(
+    rf"[ \t]*({_TCHARS})(?:[ \t]*=[ \t]*({_WORD}))?"
+    rf"(?:[ \t]*;(?:[ \t]*{_TCHARS}(?:[ \t]*=[ \t]*{_WORD})?)?)*[ \t]*"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
+# delta-seconds longer than this is capped anyway; checking first keeps int() off huge strings.
+_MAX_WAIT_DIGITS = 9
+
+
+def _list_elements(value: str) -> list[str]:
+    """A comma-separated header value split at the commas outside quoted strings."""
+    elements: list[str] = []
+    start, quoted, escaped = 0, False, False
+    for i, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            elements.append(value[start:i])
+            start = i + 1
+    elements.append(value[start:])
+    return elements
+
+
+def parse_prefer(value: str) -> dict[str, str]:
+    """The preferences of a ``Prefer`` header (RFC 7240): lower-cased name → value (unquoted;
+    ``""`` without one). The first occurrence of a name wins; parameters after ``;`` and
+    elements that do not parse are ignored, as the RFC asks. Never raises."""
+    preferences: dict[str, str] = {}
+    for element in _list_elements(value):
+        match = _PREFERENCE.fullmatch(element)
+        if match is None:
+            continue
+        name, word = match.group(1).lower(), match.group(2) or ""
+        if word.startswith('"'):
+            word = _QUOTED_PAIR.sub(r"\1", word[1:-1])
+        preferences.setdefault(name, word)
+    return preferences
+
+
+def prefer_wait(value: str | None, cap: int) -> int | None:
+    """The ``wait`` preference of a ``Prefer`` header in seconds, at most ``cap``; None if there
+    is none or its value is not delta-seconds (then the preference is ignored)."""
+    if not value:
+        return None
+    wait = parse_prefer(value).get("wait")
+    if wait is None or not wait.isascii() or not wait.isdigit():
+        return None
+    if len(wait.lstrip("0")) > _MAX_WAIT_DIGITS:
+        return cap
+    return min(int(wait), cap)
 
 
 def _base64_error_offset(text: str, alphabet: frozenset[str], padded: bool) -> int | None:
@@ -481,8 +562,10 @@ class _Request:
         "method",
         "params",
         "path",
+        "preference_applied",
         "query",
         "query_ids",
+        "receive",
         "request_id",
         "route",
         "scope",
@@ -509,6 +592,8 @@ class _Request:
         self.form_error: str | None = None
         self.auth: AuthResult | None = None
         self.query_ids: int | None = None
+        self.receive: Receive | None = None
+        self.preference_applied: int | None = None
 
     @property
     def principal(self) -> PrincipalMux:
@@ -568,12 +653,14 @@ class KnoxApp:
         authenticator: Authenticates,
         audit: AuditLog,
         settings: AppSettings,
+        hub: ChangeHub,
     ) -> None:
         self._store = store
         self._keyring = keyring
         self._auth = authenticator
         self._audit = audit
         self._settings = settings
+        self._hub = hub
         self._key_locks = _KeyLocks()
         self._handlers: dict[str, Callable[[_Request], Awaitable[Any]]] = {
             "getkeys": self._get_keys,
@@ -627,12 +714,17 @@ class KnoxApp:
             return
         finally:
             self._record(req, code, status, message)
-        await _send(send, status, _JSON_HEADERS, body)
+        headers = _JSON_HEADERS
+        if req.preference_applied is not None:
+            applied = f"wait={req.preference_applied}".encode("ascii")
+            headers = [*headers, (b"preference-applied", applied)]
+        await _send(send, status, headers, body)
 
     async def _answer(self, req: _Request, receive: Receive) -> tuple[Code, str, bytes]:
         """The response code, message and envelope for ``req``; never raises but for
         cancellation or a client that went away."""
         settings = self._settings
+        req.receive = receive
         try:
             try:
                 if req.route in _FORM_FIELDS:
@@ -726,7 +818,53 @@ class KnoxApp:
             metas = await self._store.meta(None)
             return self._visible(req.principal, metas, None)
         req.query_ids = len(wanted)
+        wait = prefer_wait(req.headers.get(b"prefer"), self._settings.max_wait_seconds)
+        if wait is not None:
+            subscription = self._hub.subscribe(wanted)
+            if subscription is not None:
+                with subscription:
+                    changed = await self._long_poll(req, wanted, subscription, wait)
+                req.preference_applied = wait
+                return changed
         return await self.changed_key_ids(req.principal, wanted)
+
+    async def _long_poll(
+        self, req: _Request, wanted: Mapping[str, str], subscription: Subscription, wait: int
+    ) -> list[str]:
+        """The long-poll answer: at once if anything differs, else once a change announced for
+        a listed key makes something differ, else (re-checked) after ``wait`` seconds. Raises
+        :class:`_Disconnected` if the client goes away meanwhile."""
+        deadline = trio.current_time() + wait
+        changed = await self._differing_key_ids(req.principal, wanted)
+        if changed or wait == 0:
+            return changed
+        assert req.receive is not None
+        while True:
+            announced = await _hold(subscription, deadline, req.receive)
+            # At the deadline too: a change the feed failed to announce is still answered.
+            changed = await self._differing_key_ids(req.principal, wanted)
+            if changed or not announced:
+                return changed
+
+    async def _differing_key_ids(
+        self, principal: PrincipalMux, wanted: Mapping[str, str]
+    ) -> list[str]:
+        """The long-poll's change check: :meth:`changed_key_ids`, plus every listed key the
+        caller holds (a non-empty hash) but may no longer Read."""
+        metas = await self._store.meta(list(wanted))
+        compat = self._settings.knox_compat_list
+        readable = _ReadFilter(principal)
+        differing: list[str] = []
+        for key_id, held in wanted.items():
+            meta = metas.get(key_id)
+            if meta is None:
+                continue
+            if readable(meta.acl):
+                if meta.hash != held:
+                    differing.append(key_id)
+            elif held or (compat and meta.hash != held):
+                differing.append(key_id)
+        return differing
 
     async def changed_key_ids(
         self, principal: PrincipalMux, wanted: Mapping[str, str]
@@ -818,6 +956,7 @@ class KnoxApp:
             await self._store.add(StoredKey(key_id, acl, versions, _hash(versions)))
         except KeyExistsError:
             raise KeyExistsError(f"Key {key_id} already exists") from None
+        self._hub.notify(key_id)
         return version_id
 
     async def _delete_key(self, req: _Request) -> None:
@@ -826,6 +965,7 @@ class KnoxApp:
         _require(stored, req.principal, AccessType.ADMIN, "delete")
         if not await self._store.delete(stored.id):
             raise _no_such_key(stored.id)
+        self._hub.notify(stored.id)
 
     async def _put_access(self, req: _Request) -> None:
         assert req.key_id is not None
@@ -910,6 +1050,7 @@ class KnoxApp:
                     continue
                 except KeyNotFoundError:
                     raise _no_such_key(key_id) from None
+                self._hub.notify(key_id)
                 return result
         raise InternalError(f"Key {key_id} was changed concurrently; try again")
 
@@ -921,25 +1062,44 @@ def create_app(
     authenticator: Authenticates,
     audit: AuditLog,
     settings: AppSettings,
+    hub: ChangeHub | None = None,
 ) -> KnoxApp:
-    """The Knox v0 ASGI application over ``store``, sealing version data with ``keyring``."""
+    """The Knox v0 ASGI application over ``store``, sealing version data with ``keyring``.
+
+    ``hub`` wakes long-polls; pass the one the store's change feed notifies when other processes
+    write to the same store (PostgreSQL). By default the app has a hub of its own, which hears
+    this app's writes only."""
     return KnoxApp(
-        store=store, keyring=keyring, authenticator=authenticator, audit=audit, settings=settings
+        store=store,
+        keyring=keyring,
+        authenticator=authenticator,
+        audit=audit,
+        settings=settings,
+        hub=ChangeHub() if hub is None else hub,
     )
 
 
 # --- ASGI plumbing -----------------------------------------------------------------------------
 
 
-_WANTED_HEADERS = frozenset({b"authorization", b"user-agent", b"content-type", b"content-length"})
+_WANTED_HEADERS = frozenset(
+    {b"authorization", b"user-agent", b"content-type", b"content-length", b"prefer"}
+)
+# Header fields that are lists: their lines are combined (RFC 9110, section 5.3).
+_LIST_HEADERS = frozenset({b"prefer"})
 
 
 def _headers(scope: Scope) -> dict[bytes, str]:
-    """The request headers the app reads, first occurrence of each (as Go's ``Header.Get``)."""
+    """The request headers the app reads: the first occurrence of each (as Go's
+    ``Header.Get``), or all lines joined by commas for a list field."""
     found: dict[bytes, str] = {}
     for name, value in scope.get("headers", ()):
-        if name in _WANTED_HEADERS and name not in found:
+        if name not in _WANTED_HEADERS:
+            continue
+        if name not in found:
             found[name] = value.decode("latin-1")
+        elif name in _LIST_HEADERS:
+            found[name] += "," + value.decode("latin-1")
     return found
 
 
@@ -975,6 +1135,23 @@ async def _read_body(receive: Receive, content_length: str | None, limit: int) -
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _hold(subscription: Subscription, deadline: float, receive: Receive) -> bool:
+    """``subscription.wait(deadline)``, unless the client goes away first: then raises
+    :class:`_Disconnected` (request body messages are discarded meanwhile)."""
+
+    async def until_disconnect(scope: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(until_disconnect, nursery.cancel_scope)
+        announced = await subscription.wait(deadline)
+        nursery.cancel_scope.cancel()
+        return announced
+    raise _Disconnected
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

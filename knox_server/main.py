@@ -10,26 +10,39 @@ from typing import Any
 import structlog
 import trio
 
-from knox_server.app import AppSettings, create_app
+from knox_server.app import MAX_WAIT_SECONDS, AppSettings, create_app
 from knox_server.audit import AuditLog
 from knox_server.auth import Authenticator
+from knox_server.changes import ChangeHub
 from knox_server.config import ConfigError, ServerConfig
 from knox_server.crypto import MasterKeyring
+from knox_server.pg_store import PostgresKeyStore
+from knox_server.pg_store import migrate as migrate_postgres
 from knox_server.rewrap import rewrap
 from knox_server.serve import ServeSettings, serve
+from knox_server.sqlite_store import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from knox_server.sqlite_store import SQLiteKeyStore
 from knox_server.store import KeyStore
 from knox_server.tokens import TokenDB
 
-__all__ = ["open_store", "rewrap_stored", "run_server"]
+__all__ = ["migrate_store", "open_store", "rewrap_stored", "run_server"]
 
 log = structlog.get_logger("knox_server")
 
+_READ_TIMEOUT_MARGIN_SECONDS = 30
 
-async def open_store(url: str) -> KeyStore:
-    """The backend named by a ``storage.url``. Raises :class:`ConfigError` for an unknown one."""
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+async def open_store(url: str, *, migrate: bool = False) -> KeyStore:
+    """The backend named by a ``storage.url``; a PostgreSQL schema is migrated first if
+    ``migrate`` (SQLite creates its schema itself). Raises :class:`ConfigError` for an unknown
+    backend, :class:`~knox.errors.InternalError` if the store cannot be opened."""
     if url.startswith("sqlite:///"):
         return await SQLiteKeyStore.open(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(_POSTGRES_SCHEMES):
+        return await PostgresKeyStore.open(url, migrate=migrate)
     raise ConfigError(f"storage.url: unsupported backend {url.split(':', 1)[0]!r}")
 
 
@@ -48,7 +61,8 @@ async def run_server(
     tokens = TokenDB.load(config.token_file) if config.token_file else None
     authenticator = Authenticator(config.client_ca.read_bytes(), tokens)
     audit = AuditLog.to_file(config.audit_file) if config.audit_file else AuditLog()
-    store = await open_store(config.storage_url)
+    store = await open_store(config.storage_url, migrate=config.migrate_on_start)
+    hub = ChangeHub()
     try:
         app = create_app(
             store=store,
@@ -61,9 +75,15 @@ async def run_server(
                 knox_compat_list=config.knox_compat,
                 max_body_bytes=config.max_body_bytes,
             ),
+            hub=hub,
         )
         settings = ServeSettings(
-            listen=config.listen, cert=config.cert, key=config.key, client_ca=config.client_ca
+            listen=config.listen,
+            cert=config.cert,
+            key=config.key,
+            client_ca=config.client_ca,
+            # A held long-poll reads nothing from its client: the read timeout must outlast it.
+            read_timeout_seconds=MAX_WAIT_SECONDS + _READ_TIMEOUT_MARGIN_SECONDS,
         )
         async with trio.open_nursery() as nursery:
             urls: list[str] = await nursery.start(serve, app, settings)
@@ -75,6 +95,17 @@ async def run_server(
         with trio.CancelScope(shield=True):
             await store.aclose()
         audit.close()
+
+
+async def migrate_store(config: ServerConfig) -> dict[str, Any]:
+    """Create or upgrade the store's schema (idempotent); a report as a dict."""
+    url = config.storage_url
+    if url.startswith(_POSTGRES_SCHEMES):
+        report = await migrate_postgres(url)
+        return {"backend": "postgresql", "schema_version": report.after, "previous": report.before}
+    store = await open_store(url)
+    await store.aclose()
+    return {"backend": "sqlite", "schema_version": SQLITE_SCHEMA_VERSION}
 
 
 async def rewrap_stored(config: ServerConfig) -> dict[str, Any]:

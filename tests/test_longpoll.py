@@ -1,0 +1,405 @@
+"""The change check's long-poll (``Prefer: wait=N``) over real TLS against the served app and a
+real SQLite store: what wakes a held check, what it answers, the waiter bound, clients that go
+away, and a change feed that missed a change. Bounds are the test's own ``fail_after``; a held
+check that should have been woken waits far longer than that bound, so a missing wake-up fails
+the test instead of passing late."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from knox.errors import UnauthorizedError
+from knox.http_client import ChangeCheck, KnoxHTTPClient, ssl_context_for
+from knox.model import Access, AccessType, PrincipalType, VersionStatus
+from knox_server.app import MAX_WAIT_SECONDS, AppSettings, create_app, prefer_wait
+from knox_server.audit import AuditLog
+from knox_server.auth import Authenticator
+from knox_server.changes import ChangeHub
+from knox_server.crypto import MasterKeyring
+from knox_server.serve import ServeSettings, serve
+from knox_server.sqlite_store import SQLiteKeyStore
+from knox_server.tokens import TokenDB, hash_token, new_token
+from tests.pki import CA
+
+WAIT = 20
+# Longer than any test's bound: a check held this long was never woken.
+FOREVER = 600
+HOST = "web1.example.com"
+KEY = "app:db_password"
+
+
+# --- the Prefer header -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("wait=10", 10),
+        ("WAIT=10", 10),
+        ("wait = 10", 10),
+        ('wait="7"', 7),
+        ("respond-async, wait=5", 5),
+        ("return=minimal; foo=bar, wait=5; x", 5),
+        ("wait=5, wait=7", 5),
+        ("wait=600", 60),
+        ("wait=0", 0),
+        ("wait=99999999999999999999999999999999999999", 60),
+        ('foo="a,wait=3", wait=4', 4),
+        ("wait=abc, wait=3", None),
+        ("wait=-1", None),
+        ("wait=1.5", None),
+        ("wait=", None),
+        ("wait", None),
+        ("handling=lenient", None),
+        ("", None),
+        (None, None),
+        ('wait="5', None),
+    ],
+)
+def test_prefer_wait_reads_rfc7240_preferences(header: str | None, expected: int | None) -> None:
+    assert prefer_wait(header, 60) == expected
+
+
+@given(st.text(max_size=200))
+def test_prefer_wait_never_raises_and_stays_within_the_cap(header: str) -> None:
+    wait = prefer_wait(header, 60)
+    assert wait is None or 0 <= wait <= 60
+
+
+# --- served replicas ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Files:
+    """What every replica of one deployment shares: the CA, the certificates, the database."""
+
+    ca: CA
+    ca_path: Path
+    server: tuple[Path, Path]
+    host: tuple[Path, Path]
+    token: str
+    master_key: bytes
+    database: Path
+
+
+def make_files(tmp_path: Path) -> Files:
+    ca = CA.create()
+    return Files(
+        ca=ca,
+        ca_path=ca.write_cert(tmp_path / "ca.pem"),
+        server=ca.server_cert().write(tmp_path, "server"),
+        host=ca.machine_cert(HOST).write(tmp_path, "host"),
+        token=new_token(),
+        master_key=os.urandom(32),
+        database=tmp_path / "knox.db",
+    )
+
+
+@dataclass
+class Replica:
+    """A served app with its own hub, and clients for the admin user and the host."""
+
+    url: str
+    hub: ChangeHub
+    admin: KnoxHTTPClient
+    host: KnoxHTTPClient
+    raw: httpx.AsyncClient
+    audit_path: Path
+
+    async def check(self, hashes: dict[str, str], prefer: str | None) -> httpx.Response:
+        """A raw change check as the host, with ``Prefer: <prefer>`` if given."""
+        headers = {"Authorization": "0t" + HOST}
+        if prefer is not None:
+            headers["Prefer"] = prefer
+        return await self.raw.get(self.url + "/v0/keys/", params=hashes, headers=headers)
+
+
+@asynccontextmanager
+async def served(
+    files: Files, name: str, *, max_waiters: int = 100, max_wait_seconds: int = MAX_WAIT_SECONDS
+) -> AsyncIterator[Replica]:
+    store = await SQLiteKeyStore.open(files.database)
+    audit_path = files.database.parent / f"audit-{name}.jsonl"
+    audit = AuditLog.to_file(audit_path)
+    hub = ChangeHub(max_waiters=max_waiters)
+    app = create_app(
+        store=store,
+        keyring=MasterKeyring({1: files.master_key}),
+        authenticator=Authenticator(
+            files.ca.cert_pem, TokenDB([("alice", [], hash_token(files.token))])
+        ),
+        audit=audit,
+        settings=AppSettings(host=name, max_wait_seconds=max_wait_seconds),
+        hub=hub,
+    )
+    cert, key = files.server
+    settings = ServeSettings(listen=("127.0.0.1:0",), cert=cert, key=key, client_ca=files.ca_path)
+    try:
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            stack.callback(nursery.cancel_scope.cancel)
+            urls: list[str] = await nursery.start(serve, app, settings)
+            admin = await stack.enter_async_context(
+                KnoxHTTPClient(
+                    urls[0], auth="0u" + files.token, ssl_context=ssl_context_for(files.ca_path)
+                )
+            )
+            host_tls = ssl_context_for(files.ca_path, *files.host)
+            host = await stack.enter_async_context(
+                KnoxHTTPClient(urls[0], auth="0t" + HOST, ssl_context=host_tls)
+            )
+            raw = await stack.enter_async_context(
+                httpx.AsyncClient(verify=host_tls, timeout=FOREVER)
+            )
+            yield Replica(urls[0], hub, admin, host, raw, audit_path)
+    finally:
+        await store.aclose()
+        audit.close()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return make_files(tmp_path)
+
+
+@pytest.fixture
+async def replica(files: Files) -> AsyncIterator[Replica]:
+    async with served(files, "a") as r:
+        yield r
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Return once ``predicate()`` holds (the caller bounds the wait)."""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(0.01)
+
+
+async def readable_key(r: Replica, key_id: str = KEY) -> tuple[str, int]:
+    """Create a key the host may read, with an Active second version; its hash and that
+    version's id."""
+    await r.admin.create_key(key_id, b"v1", [Access(PrincipalType.MACHINE, HOST, AccessType.READ)])
+    second = await r.admin.add_version(key_id, b"v2")
+    return (await r.host.get_key(key_id)).hash, second
+
+
+class Held:
+    """A long-poll change check running in the background; ``result`` once it answered."""
+
+    def __init__(self) -> None:
+        self.result: ChangeCheck | None = None
+        self.done = trio.Event()
+
+    async def run(self, client: KnoxHTTPClient, hashes: dict[str, str], wait: int) -> None:
+        self.result = await client.check_keys(hashes, wait=wait)
+        self.done.set()
+
+
+# --- one replica -------------------------------------------------------------------------------
+
+
+async def test_without_prefer_the_check_answers_at_once_as_knox_does(replica: Replica) -> None:
+    with trio.fail_after(WAIT):
+        current, _ = await readable_key(replica)
+        unchanged = await replica.check({KEY: current}, None)
+        stale = await replica.check({KEY: "stale", "no:such_key": "x"}, None)
+    assert unchanged.json()["data"] == []
+    assert stale.json()["data"] == [KEY]
+    assert "preference-applied" not in unchanged.headers
+    assert "preference-applied" not in stale.headers
+
+
+async def test_a_long_poll_answers_at_once_when_a_key_already_differs(replica: Replica) -> None:
+    with trio.fail_after(WAIT):
+        await readable_key(replica)
+        answer = await replica.check({KEY: "stale"}, f"wait={FOREVER}")
+    assert answer.json()["data"] == [KEY]
+    assert answer.headers["preference-applied"] == f"wait={MAX_WAIT_SECONDS}"
+
+
+async def test_a_promote_wakes_a_held_long_poll(replica: Replica) -> None:
+    with trio.fail_after(WAIT):
+        current, second = await readable_key(replica)
+        held = Held()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held.run, replica.host, {KEY: current}, MAX_WAIT_SECONDS)
+            await until(lambda: replica.hub.waiting == 1)
+            await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+        assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+        assert (await replica.host.get_key(KEY)).primary.data == b"v2"
+    assert replica.hub.waiting == 0
+
+
+async def test_a_change_that_makes_no_difference_to_the_caller_keeps_it_waiting(
+    replica: Replica,
+) -> None:
+    with trio.fail_after(WAIT):
+        current, second = await readable_key(replica)
+        other_current, _ = await readable_key(replica, "app:other")
+        held = Held()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                held.run, replica.host, {KEY: current, "app:other": other_current}, FOREVER
+            )
+            await until(lambda: replica.hub.waiting == 1)
+            # Wakes the check (the key's ACL changed), which re-checks and holds on.
+            await replica.admin.put_access(KEY, Access(PrincipalType.USER, "bob", AccessType.READ))
+            await trio.sleep(0.2)
+            assert not held.done.is_set()
+            await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+        assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+
+
+async def test_a_revocation_answers_the_key_and_the_get_then_fails(replica: Replica) -> None:
+    with trio.fail_after(WAIT):
+        current, _ = await readable_key(replica)
+        held = Held()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held.run, replica.host, {KEY: current}, FOREVER)
+            await until(lambda: replica.hub.waiting == 1)
+            await replica.admin.put_access(
+                KEY, Access(PrincipalType.MACHINE, HOST, AccessType.NONE)
+            )
+        assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+        with pytest.raises(UnauthorizedError):
+            await replica.host.get_key(KEY)
+        # Without the preference the check stays Knox's: a key the caller cannot read is hidden.
+        assert (await replica.host.check_keys({KEY: current})).ids == ()
+        # With it, the loss is reported at once for as long as the caller holds the key.
+        again = await replica.check({KEY: current}, "wait=30")
+        assert again.json()["data"] == [KEY]
+
+
+async def test_an_unchanged_long_poll_answers_nothing_after_its_wait(files: Files) -> None:
+    async with served(files, "a", max_wait_seconds=1) as replica:
+        with trio.fail_after(WAIT):
+            current, _ = await readable_key(replica)
+            answer = await replica.check({KEY: current, "no:such_key": "x"}, "wait=3600")
+    assert answer.json()["data"] == []
+    assert answer.headers["preference-applied"] == "wait=1"
+
+
+async def test_prefer_on_several_header_lines_is_one_list(replica: Replica) -> None:
+    with trio.fail_after(WAIT):
+        await readable_key(replica)
+        answer = await replica.raw.get(
+            replica.url + "/v0/keys/",
+            params={KEY: "stale"},
+            headers=[
+                ("Authorization", "0t" + HOST),
+                ("Prefer", "respond-async"),
+                ("Prefer", "wait=9"),
+            ],
+        )
+    assert answer.json()["data"] == [KEY]
+    assert answer.headers["preference-applied"] == "wait=9"
+
+
+async def test_past_the_waiter_bound_a_check_is_answered_at_once_without_the_header(
+    files: Files,
+) -> None:
+    async with served(files, "a", max_waiters=1) as replica:
+        with trio.fail_after(WAIT):
+            current, second = await readable_key(replica)
+            held = Held()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(held.run, replica.host, {KEY: current}, FOREVER)
+                await until(lambda: replica.hub.full)
+                turned_away = await replica.check({KEY: current}, "wait=30")
+                assert turned_away.json()["data"] == []
+                assert "preference-applied" not in turned_away.headers
+                assert not held.done.is_set()
+                await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+            assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+
+
+async def test_a_client_that_goes_away_frees_its_place_at_once(replica: Replica) -> None:
+    with trio.fail_after(WAIT):
+        current, _ = await readable_key(replica)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replica.check, {KEY: current}, f"wait={FOREVER}")
+            await until(lambda: replica.hub.waiting == 1)
+            nursery.cancel_scope.cancel()
+        await until(lambda: replica.hub.waiting == 0)
+    assert "client disconnected" in replica.audit_path.read_text()
+
+
+async def test_a_chunked_long_poll_drops_its_other_chunks_when_one_answers(
+    tmp_path: Path,
+) -> None:
+    """The HTTP client sends a long change check in chunks, all held together; the first
+    answer cancels the others, and the server lets them go.
+
+    Over HTTP/1.1: httpcore's HTTP/2 connection (1.0.9) hands its read lock from task to task,
+    so an answer that arrives while another held stream's task reads the socket waits until
+    that stream answers too (up to its whole wait)."""
+    files = make_files(tmp_path)
+    async with served(files, "a") as replica:
+        host = KnoxHTTPClient(
+            replica.url,
+            auth="0t" + HOST,
+            ssl_context=ssl_context_for(files.ca_path, *files.host),
+            http2=False,
+        )
+        async with host:
+            await chunked_long_poll(replica, host)
+
+
+async def chunked_long_poll(replica: Replica, host: KnoxHTTPClient) -> None:
+    with trio.fail_after(WAIT):
+        current, second = await readable_key(replica)
+        # Unknown ids with an empty hash are never answered: they only make the URL long.
+        hashes = {f"svc_{i:05d}:filler": "" for i in range(1500)}
+        hashes[KEY] = current
+        held = Held()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held.run, host, hashes, FOREVER)
+            await until(lambda: replica.hub.waiting > 1)
+            await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+        assert held.result is not None and held.result.ids == (KEY,)
+        await until(lambda: replica.hub.waiting == 0)
+
+
+# --- several replicas, one store ---------------------------------------------------------------
+
+
+async def test_a_change_the_feed_missed_is_answered_after_notify_all(files: Files) -> None:
+    """Two replicas on one SQLite file, each with its own hub and no feed between them: a
+    write on B is not announced on A, like a change lost with a LISTEN connection. A's
+    ``notify_all`` (what the listener calls when it reconnects) makes the held check see it."""
+    async with served(files, "a") as a, served(files, "b") as b:
+        with trio.fail_after(WAIT):
+            current, second = await readable_key(a)
+            held = Held()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(held.run, a.host, {KEY: current}, FOREVER)
+                await until(lambda: a.hub.waiting == 1)
+                await b.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+                await trio.sleep(0.2)
+                assert not held.done.is_set()
+                a.hub.notify_all()
+            assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+
+
+async def test_a_change_nobody_announced_is_still_answered_at_the_end_of_the_wait(
+    files: Files,
+) -> None:
+    async with served(files, "a", max_wait_seconds=1) as a, served(files, "b") as b:
+        with trio.fail_after(WAIT):
+            current, second = await readable_key(a)
+            held = Held()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(held.run, a.host, {KEY: current}, FOREVER)
+                await until(lambda: a.hub.waiting == 1)
+                await b.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+            assert held.result == ChangeCheck((KEY,), 1)
