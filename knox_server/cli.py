@@ -1,4 +1,5 @@
-"""``knox-server``: serve, run a development server, re-wrap stored data under a new master key."""
+"""``knox-server``: serve, run a development server, create or upgrade the store's schema, re-wrap
+stored data under a new master key."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list every key on GET /v0/keys/ as Go Knox does (default: only readable keys)",
     )
+    migrate = sub.add_parser(
+        "migrate", help="create or upgrade the store's schema (idempotent); prints a JSON report"
+    )
+    migrate.add_argument("--config", type=Path, required=True)
     rewrap = sub.add_parser(
         "rewrap", help="re-seal every stored version under the newest master key"
     )
@@ -62,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(server_main.run_server, config)
         elif args.command == "dev":
             trio.run(_dev, args)
+        elif args.command == "migrate":
+            report = trio.run(server_main.migrate_store, load_config(args.config))
+            sys.stdout.write(json.dumps(report) + "\n")
         else:
             report = trio.run(server_main.rewrap_stored, load_config(args.config))
             sys.stdout.write(json.dumps(report) + "\n")

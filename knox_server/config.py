@@ -11,8 +11,9 @@ knox_compat = false                # true: GET /v0/keys/ lists every key, as Go 
 max_body_bytes = 65536
 
 [storage]
-url = "sqlite:///var/lib/knox-server/knox.db"   # or postgresql://...
+url = "sqlite:///var/lib/knox-server/knox.db"   # or postgresql://USER@HOST:PORT/DB?...
 master_key_file = "/etc/knox-server/master.keys"
+migrate_on_start = false    # PostgreSQL: create or upgrade the schema at start
 
 [auth]
 token_file = "/etc/knox-server/tokens.toml"     # optional: users authenticated by 0u<token>
@@ -62,11 +63,12 @@ class ServerConfig:
     token_file: Path | None
     default_acl: tuple[Access, ...]
     audit_file: Path | None
+    migrate_on_start: bool = False
 
 
 _SECTIONS: dict[str, set[str]] = {
     "server": {"listen", "cert", "key", "client_ca", "host", "knox_compat", "max_body_bytes"},
-    "storage": {"url", "master_key_file"},
+    "storage": {"url", "master_key_file", "migrate_on_start"},
     "auth": {"token_file"},
     "audit": {"file"},
 }
@@ -157,6 +159,9 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> ServerConfig:
         or not 1024 <= max_body <= 16 << 20
     ):
         raise ConfigError("server.max_body_bytes: expected an integer between 1024 and 16 MiB")
+    migrate_on_start = storage.get("migrate_on_start", False)
+    if not isinstance(migrate_on_start, bool):
+        raise ConfigError("storage.migrate_on_start: expected true or false")
     url = r.string(storage, "storage", "url")
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("storage.url: expected sqlite:///PATH or postgresql://...")
@@ -175,6 +180,7 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> ServerConfig:
         token_file=r.optional_path(auth, "auth", "token_file"),
         default_acl=_default_acl(doc),
         audit_file=r.optional_path(audit, "audit", "file"),
+        migrate_on_start=migrate_on_start,
     )
 
 
