@@ -225,7 +225,7 @@ def _daemon_get(server_get: Handler) -> Handler:
                     version = int(a.version)
                 except ValueError:
                     raise CommandError(f"knoxctl: version {a.version!r} is not a number") from None
-                data = client.get(a.key, version=version).versions[0].data
+                data = client.get(a.key, version=version).version(version).data
         inv.stdout.write(data)
         return EXIT_OK
 

@@ -39,7 +39,8 @@ def run(daemon: Daemon | None, *argv: str) -> tuple[int, bytes, str]:
 def test_get_daemon_prints_raw_primary(daemon: Daemon) -> None:
     daemon.put(make_key("db:pw", b"s3cret", b"old"))
     assert run(daemon, "get", "--daemon", "db:pw") == (0, b"s3cret", "")
-    assert run(daemon, "get", "--daemon", "-v", "2", "db:pw")[:2] == (0, b"s3cret")
+    assert run(daemon, "get", "--daemon", "-v", "2", "db:pw")[:2] == (0, b"old")
+    assert run(daemon, "get", "--daemon", "-v", "1", "db:pw")[:2] == (0, b"s3cret")
     code, out, err = run(daemon, "get", "--daemon", "--wait", "0", "no:key")
     assert (code, out) == (1, b"") and "not registered" in err
 
