@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
+import select
 import socket
 import threading
 import time
@@ -384,29 +386,45 @@ def _backoff(attempt: int) -> float:
 
 
 class _SyncConnection:
-    """A connected, greeted socket and its protocol state (not thread-safe)."""
+    """A connected, greeted socket and its protocol state (one sender and one receiver at a
+    time, which may be different threads).
+
+    After connecting, the socket is non-blocking and every wait is a ``poll`` bounded by the
+    deadline: a request costs a send, a poll and a recv, where a socket timeout would add a
+    ``settimeout`` and a poll before each send and each recv.
+    """
 
     def __init__(self, path: str, deadline: float) -> None:
         self.protocol = ClientProtocol()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._settimeout(deadline)
+            self.sock.settimeout(_remaining(deadline))
             self.sock.connect(path)
-            self.sock.sendall(self.protocol.hello())
+            self.sock.setblocking(False)
+            # One poll object per direction: a sender and a receiver may wait at the same time.
+            self._readable = select.poll()
+            self._readable.register(self.sock, select.POLLIN)
+            self._writable = select.poll()
+            self._writable.register(self.sock, select.POLLOUT)
+            self.send(self.protocol.hello(), deadline)
             self.hello = check_hello(self.receive(deadline))
         except BaseException:
             self.sock.close()
             raise
 
-    def _settimeout(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        self.sock.settimeout(remaining)
-
     def send(self, data: bytes, deadline: float) -> None:
-        self._settimeout(deadline)
-        self.sock.sendall(data)
+        """Send all of ``data``. Raises :class:`TimeoutError` past ``deadline``, :class:`OSError`
+        if the connection broke."""
+        view = memoryview(data)
+        while True:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(view):
+                return
+            view = view[sent:]
+            _wait(self._writable, deadline)
 
     def receive(self, deadline: float | None) -> Incoming:
         """The next message; ``deadline`` ``None`` waits until the socket is shut down."""
@@ -414,11 +432,11 @@ class _SyncConnection:
             item = self.protocol.next_incoming()
             if item is not None:
                 return item
-            if deadline is None:
-                self.sock.settimeout(None)
-            else:
-                self._settimeout(deadline)
-            data = self.sock.recv(_RECV_SIZE)
+            _wait(self._readable, deadline)
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                continue
             if not data:
                 raise DaemonUnavailable("knoxd closed the connection")
             self.protocol.receive_data(data)
@@ -434,6 +452,22 @@ class _SyncConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until ``deadline``. Raises :class:`TimeoutError` if none are."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    return remaining
+
+
+def _wait(poller: select.poll, deadline: float | None) -> None:
+    """Until ``poller``'s socket is ready (or in error, which the next call on it reports).
+    Raises :class:`TimeoutError` past ``deadline`` (``None``: wait as long as it takes)."""
+    timeout_ms = None if deadline is None else math.ceil(_remaining(deadline) * 1000)
+    if not poller.poll(timeout_ms):
+        raise TimeoutError
 
 
 def _connect_sync(path: str, deadline: float, retry_until: float) -> _SyncConnection:

@@ -105,9 +105,14 @@ class Session:
     def __init__(self, state: ServerState, peer: Peer, *, admin_socket: bool) -> None:
         self.state = state
         self.peer = peer
-        self.facts = peer.facts
         self.admin_socket = admin_socket
         self.watcher: Watcher | None = None
+        self._set_facts(peer.facts)
+
+    def _set_facts(self, facts: PeerFacts) -> None:
+        self.facts = facts
+        # What a request naming no identity acts as, resolved once per set of facts.
+        self._default_identity = self.state.policy.default_identity(facts)
 
     # --- connection-level ---------------------------------------------------------------------
 
@@ -121,7 +126,7 @@ class Session:
                 f.uid,
                 f.gid,
                 f.unit,
-                self.state.policy.default_identity(f),
+                self._default_identity,
             )
         )
 
@@ -136,7 +141,7 @@ class Session:
             if unit is None:
                 return False
             if unit != f.unit:
-                self.facts = PeerFacts(f.uid, f.gid, f.groups, unit)
+                self._set_facts(PeerFacts(f.uid, f.gid, f.groups, unit))
         return True
 
     def close(self) -> None:
@@ -148,6 +153,14 @@ class Session:
     def answer_now(self, msg: dict[str, Any]) -> bytes | p.Request:
         """The response frame for one request message, or the parsed request if answering it
         must wait (pass it to :meth:`answer_later`)."""
+        if len(msg) == 3 and msg.get("op") == "get":
+            try:
+                answer = self._plain_get(msg)
+            except p.ProtocolError:
+                # A key that cannot be encoded: the full path below answers and logs it.
+                answer = None
+            if answer is not None:
+                return answer
         try:
             request = p.parse_request(msg, admin=self.admin_socket)
         except p.BadRequest as exc:
@@ -177,6 +190,8 @@ class Session:
         raise AssertionError(f"op {request.op} is answered at once")
 
     def _identity(self, requested: str | None) -> str:
+        if requested is None and self._default_identity is not None:
+            return self._default_identity
         return self.state.policy.resolve(self.facts, requested)
 
     def _dispatch(self, request: p.Request) -> bytes | p.Request:
@@ -203,6 +218,27 @@ class Session:
 
     # --- get ----------------------------------------------------------------------------------
 
+    def _plain_get(self, msg: dict[str, Any]) -> bytes | None:
+        """The answer to the commonest request, a ``get`` of a cached key naming nothing but
+        ``id``, ``op`` and ``key``, without building a :class:`~knox.protocol.Get`; None for
+        anything else (the caller parses it). A message answered here parses to
+        ``Get(id, key)``: its fields are exactly those, the id is checked as parsing checks it,
+        and a key id found in the view is valid (a :class:`CacheEntry` holds only valid ids)."""
+        request_id = msg.get("id")
+        key_id = msg.get("key")
+        identity = self._default_identity
+        if (
+            type(request_id) is not int
+            or not 0 <= request_id <= p.MAX_UINT32
+            or type(key_id) is not str
+            or identity is None
+        ):
+            return None
+        entry = self.state.view.get(identity, key_id)
+        if entry is None:
+            return None
+        return self._answer(request_id, entry, None)
+
     def _cached(self, request: p.Get, identity: str) -> bytes | None:
         """The answer from what is known now, or None if the key is simply not fetched yet."""
         state = self.state
@@ -213,21 +249,25 @@ class Session:
                 return None
             code, message = _REFUSAL_CODES[refusal]
             return _error(request.id, code, message)
+        return self._answer(request.id, entry, request.version)
+
+    def _answer(self, request_id: int, entry: ViewEntry, version: int | None) -> bytes:
+        """The answer to a get of ``entry`` (of one ``version`` if not None)."""
+        state = self.state
         age_ms = state.age_ms(entry, state.clock())
         max_stale = state.config.max_stale_seconds
         if max_stale > 0 and age_ms > max_stale * 1000:
             return _error(
-                request.id,
+                request_id,
                 p.ErrorCode.STALE,
                 f"the cached value is {age_ms // 1000} s old (limit {max_stale:g} s)",
             )
-        if request.version is not None and not any(
-            v.id == request.version and v.status is not VersionStatus.INACTIVE
-            for v in entry.key.versions
+        if version is not None and not any(
+            v.id == version and v.status is not VersionStatus.INACTIVE for v in entry.key.versions
         ):
-            return _error(request.id, p.ErrorCode.NOT_FOUND, "that version is not cached")
+            return _error(request_id, p.ErrorCode.NOT_FOUND, "that version is not cached")
         return p.encode_get_ok(
-            request.id,
+            request_id,
             entry.encode(p.encode_cached_key),
             age_ms,
             state.is_stale(entry, age_ms),

@@ -1,15 +1,18 @@
 """The socket server: accept loops and the lean per-connection loop (the I/O shell).
 
 Each connection is served on its raw non-blocking socket: wait until readable, read, answer every
-complete frame in the buffer, write the answers in one send, then one checkpoint per batch (the
-fast path that ``bench/ipc_limits.md`` measured). A watch adds a second task that writes events;
-both write through one :class:`_Writer`, which keeps frames whole and in order. Nothing that
-happens on one connection (bad input, a bug, a slow reader) touches another.
+complete frame in the buffer, write the answers in one send (the fast path that
+``bench/ipc_limits.md`` measured). The wait is the batch's one schedule point: it is taken even when
+bytes are already queued, so a busy connection cannot starve the others, and an idle one costs no
+failed ``recv``. A watch adds a second task that writes events; both write through one
+:class:`_Writer`, which keeps frames whole and in order. Nothing that happens on one connection
+(bad input, a bug, a slow reader) touches another.
 """
 
 from __future__ import annotations
 
 import grp
+import math
 import os
 import socket
 import time
@@ -93,16 +96,26 @@ class _Writer:
         self._lock = trio.StrictFIFOLock()
         self._queued = 0
 
+    def send_now(self, data: bytes) -> bytes:
+        """Send what the socket takes without waiting; returns the rest, which must go through
+        :meth:`write_rest` before anything else is written. Raises :class:`OSError` if the peer
+        went away."""
+        if self._queued:
+            return data
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            return data
+        return data[sent:] if sent < len(data) else b""
+
     async def write(self, data: bytes) -> None:
         """Raises :class:`OSError` if the peer went away."""
-        if not self._queued:
-            try:
-                sent = self._sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
+        rest = self.send_now(data)
+        if rest:
+            await self.write_rest(rest)
+
+    async def write_rest(self, data: bytes) -> None:
+        """Write the rest :meth:`send_now` left, after every frame queued before it."""
         # Counted before the lock so that no later frame is sent directly ahead of this rest.
         self._queued += 1
         try:
@@ -119,6 +132,11 @@ class _Writer:
 
 
 class _Connection:
+    """One connection's loop. The idle deadline is pushed forward at most once per eighth of the
+    idle timeout (moving a trio deadline costs more than answering a get), always to at least
+    the timeout past the latest activity: a connection is closed after between 1 and 1.125
+    idle timeouts of silence, never sooner."""
+
     def __init__(self, state: ServerState, sock: socket.socket, session: Session) -> None:
         self.state = state
         self.sock = sock
@@ -126,9 +144,15 @@ class _Connection:
         self.writer = _Writer(sock)
         self.idle = trio.CancelScope()
         self.pumping = False
+        self._timeout = state.config.idle_timeout_seconds
+        self._slack = self._timeout / 8
+        self._rearm_at = -math.inf
 
     def _touch(self) -> None:
-        self.idle.deadline = trio.current_time() + self.state.config.idle_timeout_seconds
+        now = trio.current_time()
+        if now >= self._rearm_at:
+            self.idle.deadline = now + self._timeout + self._slack
+            self._rearm_at = now + self._slack
 
     async def run(self, nursery: trio.Nursery) -> None:
         with self.idle:
@@ -136,15 +160,16 @@ class _Connection:
             await self._serve(nursery)
 
     async def _serve(self, nursery: trio.Nursery) -> None:
-        sock, session, write = self.sock, self.session, self.writer.write
+        sock, session, writer = self.sock, self.session, self.writer
+        recv, fd = sock.recv, sock.fileno()
         decoder = p.FrameDecoder()
-        wait_readable, checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
+        wait_readable = trio.lowlevel.wait_readable
         greeted = False
         while True:
+            await wait_readable(fd)
             try:
-                data = sock.recv(_RECV)
+                data = recv(_RECV)
             except BlockingIOError:
-                await wait_readable(sock)
                 continue
             out: list[bytes] = []
             try:
@@ -164,7 +189,7 @@ class _Connection:
                     answer = session.answer_now(msg)
                     if not isinstance(answer, bytes):
                         if out:
-                            await write(b"".join(out))
+                            await writer.write(b"".join(out))
                             out.clear()
                         answer = await session.answer_later(answer)
                     out.append(answer)
@@ -176,9 +201,10 @@ class _Connection:
                 return
             finally:
                 if out:
-                    await write(out[0] if len(out) == 1 else b"".join(out))
+                    rest = writer.send_now(out[0] if len(out) == 1 else b"".join(out))
+                    if rest:
+                        await writer.write_rest(rest)
             self._touch()
-            await checkpoint()
 
     async def _pump(self) -> None:
         watcher = self.session.watcher
