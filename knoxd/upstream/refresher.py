@@ -15,8 +15,10 @@ One cycle against the v0 API (Go Knox or ours):
 1. ``GET /v0/keys/?id1=h1&…`` with the hash of every cached key (chunked by the HTTP client so no
    URL is too long) answers which changed. A ``Prefer: wait=N`` header asks for a long-poll; a
    server that applies it (``Preference-Applied``) holds the answer until something changes, so
-   the next check follows at once; a server that ignores it (Go Knox) is polled every
-   ``refresh_seconds``.
+   the next check follows at once (but never less than ``long_poll_floor_seconds`` after the
+   previous one was sent); a server that ignores it (Go Knox) is polled every
+   ``refresh_seconds``. New work (a registration, a request, new credentials) cuts a held check
+   short once it has lasted the floor.
 2. ``GET /v0/keys/ID/?status="Inactive"`` for every changed key, every newly registered key, and
    on the slower ``revalidate_seconds`` every registered key (a deleted key or a revoked ACL does
    not change the hash, so only a revalidation sees it). All versions are fetched so that the
@@ -76,11 +78,11 @@ log = structlog.get_logger("knoxd.upstream")
 class RefreshSettings:
     """Timing and bounds of the refreshers (durations in seconds).
 
-    ``jitter`` shortens each interval by a random fraction up to it, so hosts started together
-    spread out and no check comes later than its interval. ``refusal_ttl_seconds`` is how long a
-    403/404 answer is trusted before a request from the socket side may ask again.
-    ``fetch_batch`` bounds how many keys one fetch step takes, so that new registrations get their
-    turn during a long revalidation sweep.
+    ``jitter`` shortens each interval (and each long-poll window) by a random fraction up to it,
+    so hosts started together spread out and no check comes later than its interval.
+    ``refusal_ttl_seconds`` is how long a 403/404 answer is trusted before a request from the
+    socket side may ask again. ``fetch_batch`` bounds how many keys one fetch step takes, so
+    that new registrations get their turn during a long revalidation sweep.
     """
 
     refresh_seconds: float = 60.0
@@ -216,9 +218,17 @@ class RefreshState:
             return Fetch(self._batch())
         if now >= self.check_at:
             if self.hashes:
-                return Check(dict(self.hashes), self.settings.long_poll_wait, self.revalidate_at)
+                return Check(dict(self.hashes), self._long_poll_wait(), self.revalidate_at)
             self._checked_nothing(now)
         return Wait(min(self.check_at, self.revalidate_at))
+
+    def _long_poll_wait(self) -> int | None:
+        """The ``Prefer: wait`` of the next check: the refresh interval shortened by up to
+        ``jitter``, in whole seconds (at least 1). Each re-armed long-poll gets its own window,
+        so a fleet whose polls started together (after a server restart) ends them apart."""
+        if self.settings.long_poll_wait is None:
+            return None
+        return max(1, int(self._jittered(self.settings.refresh_seconds)))
 
     def _batch(self) -> tuple[str, ...]:
         batch: list[str] = []
@@ -385,6 +395,8 @@ class Refresher:
         self.last_refresh_at: float | None = None
         self.checks = 0
         self.fetches = 0
+        # The wait the server applied to the last change check; None while it polls.
+        self.long_poll_applied: int | None = None
         self._wakeup: trio.Event | None = None
         # The change check in flight, if it may be held (a long-poll), and when it started.
         self._long_poll: tuple[trio.CancelScope, float] | None = None
@@ -453,6 +465,7 @@ class Refresher:
         if scope.cancelled_caught:
             return
         self.checks += 1
+        self.long_poll_applied = result.preference_applied
         held_since = started if result.preference_applied is not None else None
         self.state.checked(result.ids, trio.current_time(), held_since=held_since)
         self._succeeded()
