@@ -1,12 +1,12 @@
-"""The Knox v0 routes over real TLS: trio + httpx against the served app, a real SQLite store,
-real certificates. Every route, every error code and text, bad input, races and list filtering."""
+"""The Knox v0 routes over real TLS: trio + httpx against the served app, a real store (SQLite,
+and PostgreSQL when the tests have one), real certificates. Every route, every error code and
+text, bad input, races and list filtering."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
-import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -49,9 +49,11 @@ from knox_server.app import (
 from knox_server.audit import AuditLog
 from knox_server.auth import ERR_NO_PROVIDER, ERR_NO_SPIFFE, ERR_UNKNOWN_USER, Authenticator
 from knox_server.crypto import MasterKeyring
+from knox_server.main import open_store
+from knox_server.rowcodec import decode_versions, encode_versions
 from knox_server.serve import ServeSettings, serve
-from knox_server.sqlite_store import SQLiteKeyStore, decode_versions, encode_versions
 from knox_server.tokens import TokenDB, hash_token, new_token
+from tests.conftest import Backend
 from tests.pki import CA, CertPair, ssl_client_context
 from tests.server_fixtures import dev_server
 
@@ -187,10 +189,11 @@ async def served_knox(
     clock: Callable[[], int] = time.time_ns,
     keyring: MasterKeyring | None = None,
     audit_name: str = "audit.jsonl",
+    store_url: str | None = None,
 ) -> AsyncIterator[Knox]:
-    """Serve a knox_server over TLS: the SQLite store ``tmp_path/knox.db`` (two servers on one
-    ``tmp_path`` share it, like two workers), a new master key unless ``keyring`` is given, and
-    the audit file ``tmp_path/audit_name``."""
+    """Serve a knox_server over TLS: the store at ``store_url`` (default: the SQLite file
+    ``tmp_path/knox.db``; two servers on one store are like two replicas), a new master key unless
+    ``keyring`` is given, and the audit file ``tmp_path/audit_name``."""
     ca_path = pki.ca.write_cert(tmp_path / "ca.pem")
     cert, key = pki.server.write(tmp_path, "server")
     tokens = TokenDB(
@@ -200,7 +203,7 @@ async def served_knox(
             ("carol", ["readers"], hash_token(pki.tokens["carol"])),
         ]
     )
-    store = await SQLiteKeyStore.open(tmp_path / "knox.db")
+    store = await open_store(store_url or f"sqlite:///{tmp_path / 'knox.db'}", migrate=True)
     audit = AuditLog.to_file(tmp_path / audit_name)
     app = create_app(
         store=store,
@@ -246,8 +249,8 @@ async def served_knox(
 
 
 @pytest.fixture
-async def knox(pki: PKI, tmp_path: Path) -> AsyncIterator[Knox]:
-    async with served_knox(pki, tmp_path) as served:
+async def knox(pki: PKI, tmp_path: Path, backend: Backend) -> AsyncIterator[Knox]:
+    async with served_knox(pki, tmp_path, store_url=backend.url) as served:
         yield served
 
 
@@ -856,16 +859,15 @@ async def test_body_that_is_not_a_form_has_no_fields(knox: Knox) -> None:
 # --- internal errors ---------------------------------------------------------------------------
 
 
-async def test_tampered_data_is_code_1_with_a_safe_message(knox: Knox, tmp_path: Path) -> None:
+async def test_tampered_data_is_code_1_with_a_safe_message(knox: Knox, backend: Backend) -> None:
     await knox.create("k", b"top secret")
-    with sqlite3.connect(tmp_path / "knox.db") as db:
-        (raw,) = db.execute("SELECT versions FROM knox_keys WHERE id = 'k'").fetchone()
-        versions = decode_versions(raw)
-        sealed = bytearray(versions[0].sealed)
-        sealed[-1] ^= 1
-        tampered = (replace(versions[0], sealed=bytes(sealed)),)
-        db.execute("UPDATE knox_keys SET versions = ? WHERE id = 'k'", (encode_versions(tampered),))
-    db.close()
+    raw = backend.column("k", "versions")
+    assert isinstance(raw, bytes)
+    versions = decode_versions(raw)
+    sealed = bytearray(versions[0].sealed)
+    sealed[-1] ^= 1
+    tampered = (replace(versions[0], sealed=bytes(sealed)),)
+    backend.set_column("k", "versions", encode_versions(tampered))
     with structlog.testing.capture_logs() as logs:
         reply = await knox.call("alice", "GET", "/v0/keys/k/")
     assert (reply.status, reply.code) == (500, 1)
@@ -902,11 +904,13 @@ async def test_unexpected_exception_is_an_envelope_not_a_traceback(
 # --- concurrency ------------------------------------------------------------------------------
 
 
-async def test_racing_version_adds_lose_nothing(pki: PKI, tmp_path: Path) -> None:
+async def test_racing_version_adds_lose_nothing(pki: PKI, tmp_path: Path, backend: Backend) -> None:
     keyring = MasterKeyring({1: os.urandom(32)})
     async with (
-        served_knox(pki, tmp_path, keyring=keyring) as one,
-        served_knox(pki, tmp_path, keyring=keyring, audit_name="audit2.jsonl") as two,
+        served_knox(pki, tmp_path, keyring=keyring, store_url=backend.url) as one,
+        served_knox(
+            pki, tmp_path, keyring=keyring, audit_name="audit2.jsonl", store_url=backend.url
+        ) as two,
     ):
         first = await one.create("race")
         await one.grant("race", {"type": "Machine", "id": MACHINE, "access": "Write"})
