@@ -28,9 +28,15 @@ from knoxd.sd import MAX_STATUS_CHARS, Notifier, status_field, watchdog, watchdo
 WAIT = 20
 REPO = Path(__file__).resolve().parent.parent
 
+# knoxd.service sets MemoryDenyWriteExecute=yes, so knoxd runs here under the kernel's own form of
+# it, PR_SET_MDWE (kept across exec; on kernels before 6.3 the call fails and nothing changes).
+_NO_WRITABLE_CODE = "import ctypes; ctypes.CDLL(None).prctl(65, 1, 0, 0, 0)\n"
+
 # A systemd-like parent: binds the given Unix sockets, moves them to fds 3, 4, ... in order,
 # names them, and execs knoxd in the same process (so LISTEN_PID stays right).
-_ACTIVATOR = r"""
+_ACTIVATOR = (
+    _NO_WRITABLE_CODE
+    + r"""
 import fcntl, os, socket, sys
 config, names, paths = sys.argv[1], sys.argv[2].split(":"), sys.argv[3:]
 high = []
@@ -53,6 +59,7 @@ os.environ["LISTEN_PID"] = str(os.getpid())
 os.environ["LISTEN_FDNAMES"] = ":".join(names)
 os.execv(sys.executable, [sys.executable, "-m", "knoxd", "--config", config])
 """
+)
 
 
 class NotifySocket:
@@ -146,7 +153,19 @@ async def knoxd_process(
 
 
 def knoxd_argv(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "knoxd", "--config", str(config), *extra]
+    """``python -m knoxd --config config ...``, under the same memory restriction as the unit."""
+    shim = _NO_WRITABLE_CODE + "import os, sys\nos.execv(sys.executable, sys.argv[1:])"
+    return [
+        sys.executable,
+        "-c",
+        shim,
+        sys.executable,
+        "-m",
+        "knoxd",
+        "--config",
+        str(config),
+        *extra,
+    ]
 
 
 # --- the notifier and the watchdog, in process -----------------------------------------------
