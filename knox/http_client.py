@@ -87,8 +87,10 @@ DEFAULT_TIMEOUT = 10.0
 MAX_ATTEMPTS = 3
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 1.0
-#: Longest request target (path and query) a change check sends; proxies commonly allow 8 KiB.
-MAX_TARGET_LENGTH = 6 * 1024
+#: Longest request target (path and query) a change check sends: about 600 typical keys. httpx
+#: refuses URLs over 64 KiB; Go's net/http accepts 1 MiB of request head and knox_server 64 KiB;
+#: Knox's mTLS is end to end, so no 8 KiB-limited HTTP proxy sits in between.
+MAX_TARGET_LENGTH = 60 * 1024
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 1024
 _KEYS_PATH = "/v0/keys/"

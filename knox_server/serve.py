@@ -35,7 +35,8 @@ class ServeSettings:
     read_timeout_seconds: int = 30
     handshake_timeout_seconds: float = 10.0
     graceful_timeout_seconds: float = 5.0
-    max_header_bytes: int = 16 * 1024
+    # Room for the longest change check knox.http_client sends (a 60 KiB request target).
+    max_header_bytes: int = 64 * 1024
     # Knox clients keep one connection per host; recycling it every 1,000 requests (Hypercorn's
     # default) costs a TLS handshake for nothing.
     keep_alive_max_requests: int = 100_000
