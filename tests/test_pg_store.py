@@ -3,7 +3,11 @@ the PostgreSQL backend does: migrations, announcements of committed writes, its 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -11,8 +15,10 @@ import trio
 
 from knox.errors import ConcurrentChangeError, InternalError, KeyExistsError, KeyNotFoundError
 from knox.model import Access, AccessType, PrincipalType, VersionStatus
+from knox_server.config import ConfigError, load_config
 from knox_server.crypto import MasterKeyring
-from knox_server.main import open_store
+from knox_server.dev import prepare_dev_state
+from knox_server.main import open_store, run_server
 from knox_server.pg_store import CHANNEL, SCHEMA_VERSION, MigrationReport, PostgresKeyStore, migrate
 from knox_server.rewrap import rewrap
 from knox_server.rowcodec import CorruptRowError
@@ -425,3 +431,71 @@ async def test_committed_writes_and_only_those_are_announced(postgres_url: str) 
     finally:
         listener.close()
         await store.aclose()
+
+
+# --- the server's wiring ------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        "[server]\n"
+        'cert = "server.pem"\nkey = "server.key"\nclient_ca = "ca.pem"\n'
+        f"[storage]\nurl = {json.dumps(url)}\n"
+        'master_key_file = "master.keys"\n'
+    )
+    return path
+
+
+def run_migrate(config: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-m", "knox_server.cli", "migrate", "--config", str(config)],
+        capture_output=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, object] = json.loads(done.stdout)
+    return report
+
+
+def test_knox_server_migrate(tmp_path: Path, backend: Backend) -> None:
+    config = write_config(tmp_path, backend.url)
+    if backend.name == "sqlite":
+        assert run_migrate(config) == {"backend": "sqlite", "schema_version": 1}
+        assert (tmp_path / "knox.db").exists()
+        return
+    assert run_migrate(config) == {"backend": "postgresql", "schema_version": 1, "previous": 0}
+    assert run_migrate(config) == {"backend": "postgresql", "schema_version": 1, "previous": 1}
+    assert schema_version(backend.url) == SCHEMA_VERSION
+
+
+async def test_the_server_migrates_at_start_only_when_configured(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    config = replace(
+        prepare_dev_state(tmp_path).server_config("127.0.0.1:0", knox_compat=False),
+        storage_url=postgres_url,
+    )
+    with pytest.raises(InternalError, match="no knox-server schema"):
+        await run_server(config)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: run_server(
+                    replace(config, migrate_on_start=True), task_status=task_status
+                )
+            )
+            nursery.cancel_scope.cancel()
+    assert schema_version(postgres_url) == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(("value", "ok"), [("true", True), ("false", True), ('"yes"', False)])
+def test_migrate_on_start_is_a_boolean(tmp_path: Path, value: str, ok: bool) -> None:
+    path = write_config(tmp_path, "postgresql://db.example/knox")
+    path.write_text(path.read_text() + f"migrate_on_start = {value}\n")
+    if ok:
+        assert load_config(path).migrate_on_start is (value == "true")
+    else:
+        with pytest.raises(ConfigError, match=r"storage\.migrate_on_start: expected true or false"):
+            load_config(path)
