@@ -105,7 +105,7 @@ async def test_sigterm_with_100_clients_stops_in_time_and_keeps_every_acknowledg
                 env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path))
                 argv = knoxd_argv(dev.knoxd_config, "--stop-timeout", str(STOP_TIMEOUT))
                 async with knoxd_process(argv, log, env) as knoxd:
-                    await systemd.until("READY=1")
+                    await systemd.ready(knoxd, log)
                     conns = [await Connection.open(workload) for _ in range(CLIENTS)]
                     for i, conn in enumerate(conns[:READERS]):
                         await conn.send(p.Get(conn.protocol.new_id(), f"app:k{i}", wait_ms=20000))

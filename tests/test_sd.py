@@ -8,11 +8,13 @@ shared with ``test_knoxd_shutdown.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -57,9 +59,37 @@ for index, fd in enumerate(high):
 os.environ["LISTEN_FDS"] = str(len(paths))
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.environ["LISTEN_FDNAMES"] = ":".join(names)
+if os.environ.pop("ACTIVATOR_NO_CAPS", ""):
+    # As CapabilityBoundingSet= (empty) and NoNewPrivileges=yes in the unit: after the exec,
+    # even root holds no capability.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
 os.execv(sys.executable, [sys.executable, "-m", "knoxd", "--config", config])
 """
 )
+
+
+# A client under another uid: it imports first (the interpreter's files may be root's only),
+# drops to the uid, then connects; prints the uid and identity knoxd saw.
+_OTHER_USER_CLIENT = r"""
+import json, os, sys
+from knox.client import Client
+path, uid = sys.argv[1], int(sys.argv[2])
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+with Client(path, cache=False, timeout=5) as client:
+    client.ping()
+    hello = client.hello()
+print(json.dumps([hello.uid, hello.identity]))
+"""
 
 
 class NotifySocket:
@@ -91,6 +121,18 @@ class NotifySocket:
             fields = await self.receive()
             if field in fields:
                 return fields
+
+    async def ready(self, process: trio.Process, log: Path) -> list[str]:
+        """The READY=1 message; fails with knoxd's log if the process exits first."""
+        with trio.fail_after(WAIT):
+            while True:
+                with trio.move_on_after(0.1):
+                    fields = await self.receive()
+                    if "READY=1" in fields:
+                        return fields
+                    continue
+                if process.poll() is not None:
+                    raise AssertionError(f"knoxd exited ({process.returncode}): {log.read_text()}")
 
     def drain(self) -> None:
         """Record whatever is queued, without waiting."""
@@ -286,7 +328,7 @@ async def test_socket_activated_knoxd_serves_the_passed_sockets_by_name_and_noti
         # The admin socket first: knoxd must go by the names, not the order.
         argv = [sys.executable, "-c", _ACTIVATOR, str(config), "admin:workload", str(admin)]
         async with knoxd_process([*argv, str(workload)], log, env) as knoxd:
-            ready = await systemd.until("READY=1")
+            ready = await systemd.ready(knoxd, log)
             assert ready[0] == "READY=1"
             assert ready[1].startswith("STATUS=serving 0 cached keys for 2 identities; upstream ")
             await systemd.until("WATCHDOG=1")
@@ -343,3 +385,35 @@ async def test_knoxd_with_an_unusable_config_says_why_in_its_status(tmp_path: Pa
                 assert await knoxd.wait() == 2
     assert status.startswith("STATUS=unusable configuration: ")
     assert "nope" in status
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client under another uid")
+async def test_knoxd_without_capabilities_still_checks_peers_of_other_users() -> None:
+    nobody = 65534
+    with tempfile.TemporaryDirectory(prefix="knoxd-caps-", dir="/tmp") as d:
+        top = Path(d)
+        os.chmod(top, 0o755)
+        config = dev_knoxd_config(top / "dev", sockets=top / "own")
+        workload, admin, log = top / "work.sock", top / "admin.sock", top / "log"
+        async with NotifySocket(top / "notify") as systemd:
+            env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path), ACTIVATOR_NO_CAPS="1")
+            argv = [sys.executable, "-c", _ACTIVATOR, str(config), "workload:admin"]
+            async with knoxd_process([*argv, str(workload), str(admin)], log, env) as knoxd:
+                await systemd.ready(knoxd, log)
+                status = Path(f"/proc/{knoxd.pid}/status").read_text()
+                for field in ("CapEff", "CapPrm", "CapBnd"):
+                    assert f"{field}:\t0000000000000000" in status
+                # Its credentials, and whether it is still alive (signal 0 through its pidfd
+                # answers EPERM, not ESRCH), are read with no privilege over the peer.
+                client = await trio.run_process(
+                    [sys.executable, "-c", _OTHER_USER_CLIENT, str(workload), str(nobody)],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    cwd=REPO,
+                    check=False,
+                )
+                assert client.returncode == 0, client.stderr.decode()
+                assert json.loads(client.stdout) == [nobody, None]
+                knoxd.send_signal(signal.SIGTERM)
+                with trio.fail_after(WAIT):
+                    assert await knoxd.wait() == 0, log.read_text()
