@@ -1,16 +1,21 @@
 """The change check's long-poll (``Prefer: wait=N``) over real TLS against the served app and a
 real SQLite store: what wakes a held check, what it answers, the waiter bound, clients that go
-away, and a change feed that missed a change. Bounds are the test's own ``fail_after``; a held
-check that should have been woken waits far longer than that bound, so a missing wake-up fails
+away, and a change feed that missed a change; then knoxd using it, with an application watching
+through the daemon's socket, and knoxd against a server without the extension.
+
+Bounds are the test's own ``fail_after``; a held check that should have been woken waits far
+longer than that bound (and knoxd's polling interval is longer too), so a missing wake-up fails
 the test instead of passing late."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,9 +23,16 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from knox.client import AsyncClient, AsyncWatchStream
 from knox.errors import UnauthorizedError
-from knox.http_client import ChangeCheck, KnoxHTTPClient, ssl_context_for
+from knox.http_client import (
+    ChangeCheck,
+    KnoxHTTPClient,
+    change_check_requests,
+    ssl_context_for,
+)
 from knox.model import Access, AccessType, PrincipalType, VersionStatus
+from knox.protocol import RevokedEvent, RevokeReason, UpdateEvent
 from knox_server.app import MAX_WAIT_SECONDS, AppSettings, create_app, prefer_wait
 from knox_server.audit import AuditLog
 from knox_server.auth import Authenticator
@@ -29,6 +41,16 @@ from knox_server.crypto import MasterKeyring
 from knox_server.serve import ServeSettings, serve
 from knox_server.sqlite_store import SQLiteKeyStore
 from knox_server.tokens import TokenDB, hash_token, new_token
+from knoxd.config import (
+    Config,
+    DaemonConfig,
+    IdentityConfig,
+    IdentityKind,
+    PeerSelectors,
+    UpstreamConfig,
+)
+from knoxd.daemon import DaemonContext, run_daemon
+from knoxd.socket_api.server import SocketContext, serve_sockets
 from tests.pki import CA
 
 WAIT = 20
@@ -124,9 +146,26 @@ class Replica:
         return await self.raw.get(self.url + "/v0/keys/", params=hashes, headers=headers)
 
 
+def ignoring_prefer(app: Any) -> Any:
+    """``app`` as a server without the extension (Go Knox) sees it: no ``Prefer`` header."""
+
+    async def go_knox(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = [(n, v) for n, v in scope["headers"] if n.lower() != b"prefer"]
+            scope = {**scope, "headers": headers}
+        await app(scope, receive, send)
+
+    return go_knox
+
+
 @asynccontextmanager
 async def served(
-    files: Files, name: str, *, max_waiters: int = 100, max_wait_seconds: int = MAX_WAIT_SECONDS
+    files: Files,
+    name: str,
+    *,
+    max_waiters: int = 100,
+    max_wait_seconds: int = MAX_WAIT_SECONDS,
+    go_knox: bool = False,
 ) -> AsyncIterator[Replica]:
     store = await SQLiteKeyStore.open(files.database)
     audit_path = files.database.parent / f"audit-{name}.jsonl"
@@ -147,7 +186,8 @@ async def served(
     try:
         async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
             stack.callback(nursery.cancel_scope.cancel)
-            urls: list[str] = await nursery.start(serve, app, settings)
+            asgi = ignoring_prefer(app) if go_knox else app
+            urls: list[str] = await nursery.start(serve, asgi, settings)
             admin = await stack.enter_async_context(
                 KnoxHTTPClient(
                     urls[0], auth="0u" + files.token, ssl_context=ssl_context_for(files.ca_path)
@@ -359,8 +399,9 @@ async def chunked_long_poll(replica: Replica, host: KnoxHTTPClient) -> None:
     with trio.fail_after(WAIT):
         current, second = await readable_key(replica)
         # Unknown ids with an empty hash are never answered: they only make the URL long.
-        hashes = {f"svc_{i:05d}:filler": "" for i in range(1500)}
+        hashes = {f"svc_{i:05d}:filler": "" for i in range(8000)}
         hashes[KEY] = current
+        assert len(change_check_requests(hashes)) > 1
         held = Held()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(held.run, host, hashes, FOREVER)
@@ -403,3 +444,136 @@ async def test_a_change_nobody_announced_is_still_answered_at_the_end_of_the_wai
                 await until(lambda: a.hub.waiting == 1)
                 await b.admin.update_version(KEY, second, VersionStatus.PRIMARY)
             assert held.result == ChangeCheck((KEY,), 1)
+
+
+# --- knoxd -------------------------------------------------------------------------------------
+
+
+def daemon_config(files: Files, directory: Path, url: str, *, refresh: float) -> Config:
+    """knoxd with the host identity, ``KEY`` registered, and a ``refresh`` long-poll window."""
+    return Config(
+        DaemonConfig(
+            state_dir=directory / "state",
+            workload_socket=directory / "knoxd.sock",
+            admin_socket=directory / "admin" / "admin.sock",
+            refresh_seconds=refresh,
+            revalidate_seconds=3600,
+            backoff_min_seconds=0.05,
+            backoff_max_seconds=0.3,
+        ),
+        UpstreamConfig((url,), ca=files.ca_path, timeout_seconds=3),
+        (
+            IdentityConfig(
+                "host",
+                IdentityKind.MACHINE,
+                files.host[0],
+                files.host[1],
+                HOST,
+                (KEY,),
+                PeerSelectors(uid=(os.getuid(),)),
+            ),
+        ),
+    )
+
+
+async def serve_workload_socket(context: DaemonContext) -> None:
+    await serve_sockets(
+        SocketContext(
+            config=context.config,
+            view=context.view,
+            fetch=context.fetcher,
+            version="test",
+            started_at=context.started_at,
+            activated={},
+        )
+    )
+
+
+@asynccontextmanager
+async def knoxd(config: Config) -> AsyncIterator[DaemonContext]:
+    async with trio.open_nursery() as nursery:
+        context: DaemonContext = await nursery.start(
+            lambda task_status: run_daemon(
+                config, serve_sockets=serve_workload_socket, environ={}, task_status=task_status
+            )
+        )
+        try:
+            yield context
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def primary_of(context: DaemonContext) -> bytes | None:
+    entry = context.view.get("host", KEY)
+    return None if entry is None else entry.key.primary.data
+
+
+async def next_primary(
+    events: AsyncWatchStream, previous: bytes | None
+) -> UpdateEvent | RevokedEvent:
+    """The next event that is not a mere re-confirmation of ``previous``."""
+    async for event in events:
+        if isinstance(event, RevokedEvent) or event.key.primary.data != previous:
+            return event
+    raise AssertionError("the watch ended")
+
+
+async def test_knoxd_long_polls_and_a_watching_application_sees_promote_and_revocation(
+    files: Files, tmp_path: Path
+) -> None:
+    """knoxd polls every 30 s at the earliest here (27 s with jitter): only the long-poll
+    brings the promote and the revocation within the test's 20 s bound."""
+    async with served(files, "a") as replica:
+        with trio.fail_after(WAIT):
+            current, second = await readable_key(replica)
+            config = daemon_config(files, tmp_path, replica.url, refresh=30)
+            async with (
+                knoxd(config) as daemon,
+                AsyncClient(config.daemon.workload_socket, cache=False) as app,
+            ):
+                events = app.watch([KEY])
+                async with events:
+                    first = await next_primary(events, None)
+                    assert isinstance(first, UpdateEvent)
+                    assert first.key.primary.data == b"v1"
+                    # knoxd holds a long-poll for its one cached key.
+                    await until(lambda: replica.hub.waiting == 1)
+                    await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+                    promoted = await next_primary(events, b"v1")
+                    assert isinstance(promoted, UpdateEvent)
+                    assert promoted.key.primary.data == b"v2"
+                    assert primary_of(daemon) == b"v2"
+                    assert (await replica.host.get_key(KEY)).hash != current
+
+                    await until(lambda: replica.hub.waiting == 1)
+                    await replica.admin.put_access(
+                        KEY, Access(PrincipalType.MACHINE, HOST, AccessType.NONE)
+                    )
+                    revoked = await next_primary(events, b"v2")
+                    assert revoked == RevokedEvent(KEY, RevokeReason.FORBIDDEN)
+                    assert daemon.view.get("host", KEY) is None
+
+
+async def test_against_a_server_without_the_extension_knoxd_polls(
+    files: Files, tmp_path: Path
+) -> None:
+    """A Go Knox server never answers ``Preference-Applied``: knoxd still gets the rotation, by
+    asking once per refresh interval (5 s here) instead of again at once."""
+    async with served(files, "a", go_knox=True) as replica:
+        with trio.fail_after(WAIT):
+            current, second = await readable_key(replica)
+            plain = await replica.check({KEY: current}, "wait=30")
+            assert "preference-applied" not in plain.headers
+
+            def checks() -> int:
+                records = replica.audit_path.read_text().splitlines()
+                return sum(json.loads(line)["route"] == "getkeys" for line in records)
+
+            config = daemon_config(files, tmp_path, replica.url, refresh=5)
+            async with knoxd(config) as daemon:
+                await until(lambda: primary_of(daemon) == b"v1")
+                before = checks()
+                await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+                await until(lambda: primary_of(daemon) == b"v2")
+                # At most the check that was due and one more: no back-to-back re-asking.
+                assert checks() - before <= 2

@@ -119,6 +119,20 @@ def test_a_long_poll_server_is_asked_again_at_once() -> None:
     assert isinstance(s.next_step(31.1), Check)
 
 
+def test_long_poll_windows_differ_from_host_to_host() -> None:
+    """Hosts whose long-polls started together (a server restart) end them apart."""
+    waits: set[int] = set()
+    for seed in range(40):
+        s = RefreshState(
+            SETTINGS, now=0, registered=["a"], hashes={"a": H}, rng=random.Random(seed)
+        )
+        step = s.next_step(0)
+        assert isinstance(step, Check) and step.wait is not None
+        waits.add(step.wait)
+    assert len(waits) > 3
+    assert min(waits) >= 54 and max(waits) <= 60
+
+
 def test_no_check_and_no_request_without_cached_keys() -> None:
     s = state([])
     step = s.next_step(0)
