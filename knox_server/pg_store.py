@@ -291,7 +291,8 @@ class PostgresKeyStore:
     async def run(self, fn: Callable[[Connection], _T]) -> _T:
         """``fn(conn)`` in a worker thread on a pooled connection in autocommit mode (use
         ``conn.transaction()`` for several statements). Cancelling the caller cancels the running
-        statement on the server and raises :class:`trio.Cancelled`. A psycopg error becomes an
+        statement on the server and raises :class:`trio.Cancelled` (a call still waiting for the
+        pool to connect ends within :data:`ACQUIRE_TIMEOUT_S`). A psycopg error becomes an
         :class:`InternalError` naming its class; other exceptions of ``fn`` propagate."""
         pool = self._pool
         if pool is None:
