@@ -131,7 +131,12 @@ def summary(context: DaemonContext) -> str:
     identities = context.fetcher.status()
     failing = [i.name for i in identities if not i.upstream_ok]
     upstream = f"upstream failing for {', '.join(failing)}" if failing else "upstream ok"
-    return f"serving {len(context.view)} cached keys for {len(identities)} identities; {upstream}"
+    keys = _count(len(context.view), "cached key", "cached keys")
+    return f"serving {keys} for {_count(len(identities), 'identity', 'identities')}; {upstream}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 async def _keep_status(notifier: Notifier, context: DaemonContext, sent: str) -> None:

@@ -4,6 +4,7 @@ against what knoxd expects of them (socket names, credential name, stop bound)."
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from knoxd.cache.cache_key import CREDENTIAL_NAME, CacheKeySource, load_cache_key
 from knoxd.cli import DEFAULT_CONFIG, DEFAULT_STOP_TIMEOUT
-from knoxd.config import DEFAULT_ADMIN_SOCKET, DEFAULT_WORKLOAD_SOCKET
+from knoxd.config import DEFAULT_ADMIN_SOCKET, DEFAULT_WORKLOAD_SOCKET, parse_config
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 UNIT_FILES = sorted([*UNITS.glob("*.service"), *UNITS.glob("*.socket")])
@@ -212,3 +213,19 @@ def test_knox_server_service_runs_the_serve_command_with_its_own_state() -> None
         "knox-server",
     )
     assert one(service, "User") == "knox-server"
+
+
+def test_the_readme_install_section_uses_these_files_and_a_valid_knoxd_toml() -> None:
+    readme = (UNITS.parent / "README.md").read_text()
+    section = readme[readme.index("## Install on a systemd host") :]
+    for path in re.findall(r"(?<![/\w])systemd/[\w./*-]+", section):
+        assert list(UNITS.parent.glob(path)), path
+    match = re.search(r"<<'TOML'\n(.*?)\nTOML\n", section, re.DOTALL)
+    assert match is not None
+    config = parse_config(match.group(1))
+    assert config.daemon.workload_socket == DEFAULT_WORKLOAD_SOCKET
+    assert config.daemon.admin_socket == DEFAULT_ADMIN_SOCKET
+    assert config.daemon.state_dir == Path("/var/lib/") / one(
+        unit("knoxd.service")["Service"], "StateDirectory"
+    )
+    assert config.daemon.admin_group == one(unit("knoxd-admin.socket")["Socket"], "SocketGroup")
