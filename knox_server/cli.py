@@ -58,9 +58,13 @@ async def _dev(args: argparse.Namespace) -> None:
     await server_main.run_server(config, on_listening=announce)
 
 
+_EXPECTED = (ConfigError, KeyFileError, TokenFileError, KnoxError, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
+    return_code = 0
     try:
         if args.command == "serve":
             config = load_config(args.config)
@@ -73,12 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             report = trio.run(server_main.rewrap_stored, load_config(args.config))
             sys.stdout.write(json.dumps(report) + "\n")
-    except KeyboardInterrupt:
-        return 0
-    except (ConfigError, KeyFileError, TokenFileError, KnoxError, OSError) as exc:
-        sys.stderr.write(f"knox-server: {exc}\n")
-        return 1
-    return 0
+    except* KeyboardInterrupt:
+        pass
+    except* _EXPECTED as group:
+        # Start-up errors raised inside a nursery arrive wrapped in exception groups.
+        for exc in _leaves(group):
+            sys.stderr.write(f"knox-server: {exc}\n")
+        return_code = 1
+    return return_code
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 if __name__ == "__main__":

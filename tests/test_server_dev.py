@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import ssl
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
+from knox_server.cli import main
 from tests.server_fixtures import dev_server, dev_server_process
 
 
@@ -62,3 +65,17 @@ async def test_in_process_dev_server_denies_the_dev_user_by_default(tmp_path: Pa
                 )
     assert denied.status_code == 403
     assert denied.json()["message"] == "Principal dev not authorized to read demo:db_password"
+
+
+def test_port_in_use_is_one_line_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["dev", "--state-dir", str(tmp_path / "dev"), "--listen", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "knox-server: [Errno 98] Address already in use" in err
+    assert "Traceback" not in err
