@@ -8,6 +8,7 @@ Go Knox would answer 401. Header, idle and handshake timeouts are bounded.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -68,6 +69,31 @@ class _Config(hypercorn.config.Config):
     @property
     def ssl_enabled(self) -> bool:
         return True
+
+    def create_sockets(self) -> hypercorn.config.Sockets:
+        """Hypercorn's own version leaks the socket when ``bind`` fails; this one closes every
+        socket it made before re-raising."""
+        made: list[socket.socket] = []
+        try:
+            for bind in self.bind:
+                if bind.startswith("fd://"):
+                    sock = socket.socket(fileno=int(bind.removeprefix("fd://")))
+                    made.append(sock)
+                else:
+                    host, _, port = bind.replace("[", "").replace("]", "").rpartition(":")
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    made.append(sock)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((host, int(port)))
+                sock.setblocking(False)
+                sock.set_inheritable(True)
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        return hypercorn.config.Sockets(made, [], [])
 
 
 def _hypercorn_config(settings: ServeSettings) -> hypercorn.config.Config:
