@@ -16,6 +16,7 @@ from knox_server.auth import Authenticator
 from knox_server.changes import ChangeHub
 from knox_server.config import ConfigError, ServerConfig
 from knox_server.crypto import MasterKeyring
+from knox_server.pg_listen import listen_for_changes
 from knox_server.pg_store import PostgresKeyStore
 from knox_server.pg_store import migrate as migrate_postgres
 from knox_server.rewrap import rewrap
@@ -54,8 +55,11 @@ async def run_server(
 ) -> None:
     """Load keys, tokens and the store, then serve until cancelled.
 
-    ``on_listening`` and ``task_status`` receive the bound URLs once the socket listens. Raises
-    :class:`ConfigError`, the key and token files' errors, or ``OSError`` before serving.
+    With PostgreSQL, every replica's writes wake this one's long-polls: the change listener is
+    up before the socket listens. ``on_listening`` and ``task_status`` receive the bound URLs
+    once the socket listens. Raises :class:`ConfigError`, the key and token files' errors,
+    :class:`~knox.errors.InternalError` (a store or listener that cannot connect), or
+    ``OSError`` before serving.
     """
     keyring = MasterKeyring.load(config.master_key_file)
     tokens = TokenDB.load(config.token_file) if config.token_file else None
@@ -86,6 +90,10 @@ async def run_server(
             read_timeout_seconds=MAX_WAIT_SECONDS + _READ_TIMEOUT_MARGIN_SECONDS,
         )
         async with trio.open_nursery() as nursery:
+            if config.storage_url.startswith(_POSTGRES_SCHEMES):
+                await nursery.start(
+                    listen_for_changes, config.storage_url, hub.notify, hub.notify_all
+                )
             urls: list[str] = await nursery.start(serve, app, settings)
             log.info("listening", urls=urls, master_keys=list(keyring.ids))
             if on_listening is not None:

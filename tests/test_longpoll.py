@@ -9,8 +9,14 @@ the test instead of passing late."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trio
 from hypothesis import given
@@ -38,9 +45,10 @@ from knox_server.audit import AuditLog
 from knox_server.auth import Authenticator
 from knox_server.changes import ChangeHub
 from knox_server.crypto import MasterKeyring
+from knox_server.pg_store import migrate
 from knox_server.serve import ServeSettings, serve
 from knox_server.sqlite_store import SQLiteKeyStore
-from knox_server.tokens import TokenDB, hash_token, new_token
+from knox_server.tokens import TokenDB, hash_token, new_token, write_token_file
 from knoxd.config import (
     Config,
     DaemonConfig,
@@ -577,3 +585,143 @@ async def test_against_a_server_without_the_extension_knoxd_polls(
                 await until(lambda: primary_of(daemon) == b"v2")
                 # At most the check that was due and one more: no back-to-back re-asking.
                 assert checks() - before <= 2
+
+
+# --- two server processes, one PostgreSQL ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def server_toml(files: Files, directory: Path, database_url: str, port: int) -> Path:
+    """A ``knox-server serve`` config for one replica of the deployment in ``files``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    master = directory / "master.keys"
+    master.touch(mode=0o600)
+    master.write_text(f"1:{base64.b64encode(files.master_key).decode()}\n")
+    tokens = directory / "tokens.toml"
+    write_token_file(tokens, [("alice", (), files.token)])
+    config = directory / "server.toml"
+    config.write_text(
+        f"""[server]
+listen = ["127.0.0.1:{port}"]
+cert = "{files.server[0]}"
+key = "{files.server[1]}"
+client_ca = "{files.ca_path}"
+host = "{directory.name}"
+
+[storage]
+url = "{database_url}"
+master_key_file = "{master}"
+
+[auth]
+token_file = "{tokens}"
+
+[audit]
+file = "{directory / "audit.jsonl"}"
+"""
+    )
+    return config
+
+
+@asynccontextmanager
+async def server_process(
+    files: Files, directory: Path, database_url: str, name: str
+) -> AsyncIterator[Replica]:
+    """``knox-server serve`` as a child process (SIGKILLed at the end), with clients for it."""
+    port = free_port()
+    config = server_toml(files, directory / name, database_url, port)
+    url = f"https://127.0.0.1:{port}"
+    with (directory / f"{name}.log").open("ab") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "knox_server.cli", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        host_tls = ssl_context_for(files.ca_path, *files.host)
+        async with (
+            KnoxHTTPClient(
+                url, auth="0u" + files.token, ssl_context=ssl_context_for(files.ca_path)
+            ) as admin,
+            KnoxHTTPClient(url, auth="0t" + HOST, ssl_context=host_tls) as host,
+            httpx.AsyncClient(verify=host_tls, timeout=FOREVER) as raw,
+        ):
+            while True:
+                try:
+                    if (await raw.get(url + "/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.returncode is None, (directory / f"{name}.log").read_text()
+                await trio.sleep(0.05)
+            # The hub lives in the child: tests that need it read the outcome instead.
+            yield Replica(url, ChangeHub(), admin, host, raw, directory / name / "audit.jsonl")
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGKILL)
+        with trio.move_on_after(10):
+            await process.wait()
+
+
+def terminate_listener(database_url: str, application_name: str) -> None:
+    """Kill the change listener's connection of the replica that uses ``application_name``."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+            (application_name,),
+        ).fetchall()
+    assert killed == [(True,)]
+
+
+@pytest.mark.postgres
+async def test_a_promote_on_one_replica_wakes_a_long_poll_held_on_another(
+    files: Files, tmp_path: Path, postgres_url: str
+) -> None:
+    await migrate(postgres_url)
+    with trio.fail_after(WAIT):
+        async with (
+            server_process(files, tmp_path, postgres_url, "a") as a,
+            server_process(files, tmp_path, postgres_url, "b") as b,
+        ):
+            current, second = await readable_key(a)
+            held = Held()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(held.run, b.host, {KEY: current}, MAX_WAIT_SECONDS)
+                # Nothing differs, so B holds the check (it cannot have answered).
+                await trio.sleep(0.5)
+                assert not held.done.is_set()
+                await a.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+            assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+            assert (await b.host.get_key(KEY)).primary.data == b"v2"
+
+
+@pytest.mark.postgres
+async def test_a_change_while_the_listener_is_down_still_wakes_the_long_poll(
+    files: Files, tmp_path: Path, postgres_url: str
+) -> None:
+    """B's LISTEN connection is killed and A promotes at once, before B listens again (its
+    first reconnect waits 0.1 s): B never hears that notification, and its held check answers
+    all the same, because the reconnected listener makes every waiter re-check."""
+    await migrate(postgres_url)
+    b_name = "knox_b_" + secrets.token_hex(4)
+    b_url = f"{postgres_url}&application_name={b_name}"
+    with trio.fail_after(WAIT):
+        async with (
+            server_process(files, tmp_path, postgres_url, "a") as a,
+            server_process(files, tmp_path, b_url, "b") as b,
+        ):
+            current, second = await readable_key(a)
+            held = Held()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(held.run, b.host, {KEY: current}, MAX_WAIT_SECONDS)
+                await trio.sleep(0.5)
+                assert not held.done.is_set()
+                await trio.to_thread.run_sync(terminate_listener, postgres_url, b_name)
+                await a.admin.update_version(KEY, second, VersionStatus.PRIMARY)
+            assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
