@@ -14,8 +14,9 @@ Sockets handed over by socket activation, named ``workload`` and ``admin``
 (``FileDescriptorName=``), are served instead of binding the configured paths.
 
 Stopping, at the first SIGTERM or SIGINT, within ``--stop-timeout`` seconds: the sockets stop
-being served. Requests already read are answered first; a registration being written finishes
-and is answered; watch streams and connections are closed. Then the identities' file watchers
+being served. Requests already read are answered first (except a ``get`` still waiting for its
+key's first fetch: its connection is closed); a registration being written finishes and is
+answered; watch streams and connections are closed. Then the identities' file watchers
 stop, the refreshers end (a fetched key being written to the cache is written) and the cache
 database is closed. Whatever is left at the deadline, or at a second signal, is cancelled and
 the exit status is 1.
