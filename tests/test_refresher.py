@@ -113,10 +113,22 @@ def test_a_long_poll_server_is_asked_again_at_once() -> None:
     # Held for 29 s: the next check goes at once.
     s.checked([], 30.0, held_since=1.0)
     assert s.check_at == 30.0
-    # Answered at once although "held": no sooner than a second after the last one was sent.
-    s.checked([], 30.2, held_since=30.1)
-    assert s.check_at == 31.1
-    assert isinstance(s.next_step(31.1), Check)
+    # Answered soon (a version added, then promoted): the next check still goes at once.
+    s.checked(["a"], 30.2, held_since=30.0)
+    assert s.check_at == 30.2
+    assert drain(s, 30.2, {"a": H2}) == ["a"]
+    # A third answer within a second of the check before: it waits for that second to pass,
+    # so a server that claims to hold and answers at once gets two checks a second at most.
+    s.checked([], 30.3, held_since=30.2)
+    assert s.check_at == 31.0
+    s.checked([], 31.05, held_since=31.0)
+    assert s.check_at == 31.2
+    assert isinstance(s.next_step(31.2), Check)
+    # A check the server did not hold: polling, one interval (jittered) later.
+    s.checked([], 32.0)
+    assert 32.0 + 54 <= s.check_at <= 32.0 + 60
+    s.checked([], 90.0, held_since=89.0)
+    assert s.check_at == 90.0
 
 
 def test_long_poll_windows_differ_from_host_to_host() -> None:

@@ -15,8 +15,8 @@ One cycle against the v0 API (Go Knox or ours):
 1. ``GET /v0/keys/?id1=h1&…`` with the hash of every cached key (chunked by the HTTP client so no
    URL is too long) answers which changed. A ``Prefer: wait=N`` header asks for a long-poll; a
    server that applies it (``Preference-Applied``) holds the answer until something changes, so
-   the next check follows at once (but never less than ``long_poll_floor_seconds`` after the
-   previous one was sent); a server that ignores it (Go Knox) is polled every
+   the next check follows at once (but at most two checks are sent within any
+   ``long_poll_floor_seconds``); a server that ignores it (Go Knox) is polled every
    ``refresh_seconds``. New work (a registration, a request, new credentials) cuts a held check
    short once it has lasted the floor.
 2. ``GET /v0/keys/ID/?status="Inactive"`` for every changed key, every newly registered key, and
@@ -196,6 +196,8 @@ class RefreshState:
         self._later: set[str] = set()
         self._unanswered: set[str] = set()
         self._refused: dict[str, tuple[Refusal, float]] = {}
+        # When the last held check was sent (None after one that was not held).
+        self._held_since: float | None = None
         self.check_at = now
         self.revalidate_at = now + self._jittered(settings.revalidate_seconds)
         self.retry_at: float | None = None
@@ -326,16 +328,21 @@ class RefreshState:
     ) -> None:
         """The change check answered: ``changed`` keys queue for a fetch. ``held_since`` is when
         a check the server held (it applied the long-poll) was sent: the next one may follow at
-        once, but no sooner than ``long_poll_floor_seconds`` after it, so that a server which
-        claims to hold and answers at once cannot drive a tight loop."""
+        once, but no sooner than ``long_poll_floor_seconds`` after the held check sent before
+        this one. So two changes in quick succession (add a version, promote it) each travel at
+        once, and a server which claims to hold and answers at once gets at most two checks per
+        floor, never a tight loop."""
         self._urgent.update(dict.fromkeys(sorted(set(changed) & self.registered)))
         self._urgent.update(dict.fromkeys(sorted(self._later)))
         self._later.clear()
-        if held_since is not None:
-            floor = min(self.settings.long_poll_floor_seconds, self.settings.refresh_seconds)
-            self.check_at = max(now, held_since + floor)
-        else:
+        previous, self._held_since = self._held_since, held_since
+        if held_since is None:
             self.check_at = now + self._jittered(self.settings.refresh_seconds)
+        elif previous is None:
+            self.check_at = now
+        else:
+            floor = min(self.settings.long_poll_floor_seconds, self.settings.refresh_seconds)
+            self.check_at = max(now, previous + floor)
 
     def succeeded(self) -> None:
         """A step reached the upstream and got answers: backoff ends."""
