@@ -1,12 +1,10 @@
 """The socket server: accept loops and the lean per-connection loop (the I/O shell).
 
 Each connection is served on its raw non-blocking socket: wait until readable, read, answer every
-complete frame in the buffer, write the answers in one send (the fast path that
-``bench/ipc_limits.md`` measured). The wait is the batch's one schedule point: it is taken even when
-bytes are already queued, so a busy connection cannot starve the others, and an idle one costs no
-failed ``recv``. A watch adds a second task that writes events; both write through one
-:class:`_Writer`, which keeps frames whole and in order. Nothing that happens on one connection
-(bad input, a bug, a slow reader) touches another.
+complete frame in the buffer, write the answers in one send, then one checkpoint per batch (the
+fast path that ``bench/ipc_limits.md`` measured). A watch adds a second task that writes events;
+both write through one :class:`_Writer`, which keeps frames whole and in order. Nothing that
+happens on one connection (bad input, a bug, a slow reader) touches another.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ __all__ = ["SocketContext", "build_state", "open_listeners", "serve_listener", "
 log = structlog.get_logger("knoxd.socket_api")
 
 _RECV = 65536
-_MAX_PROBE_GAP = 64
 _WORKLOAD_MODE = 0o666
 _ADMIN_MODE_GROUP = 0o660
 _ADMIN_MODE_ROOT = 0o600
@@ -132,38 +129,6 @@ class _Writer:
             self._queued -= 1
 
 
-class _Pacer:
-    """Chooses each batch's one schedule point (pure). A checkpoint and then a look is cheapest
-    when the next request is usually there by the time the other connections had their turn (a
-    busy server); waiting for readability is cheapest when it usually is not (an idle one: no
-    failed ``recv``), though each wait re-arms the fd in epoll. So: look first while looking
-    finds bytes; after a look finds none, wait, and look first again after 2, 4, ... up to
-    :data:`_MAX_PROBE_GAP` waits."""
-
-    __slots__ = ("_busy", "_countdown", "_gap")
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._gap = 1
-        self._countdown = 1
-
-    def look_first(self) -> bool:
-        """True: checkpoint, then read (and report :meth:`found`); False: wait, then read."""
-        if self._busy:
-            return True
-        self._countdown -= 1
-        return self._countdown <= 0
-
-    def found(self, ready: bool) -> None:
-        """Whether the read after a checkpoint found bytes."""
-        self._busy = ready
-        if ready:
-            self._gap = 1
-        else:
-            self._gap = min(_MAX_PROBE_GAP, self._gap * 2)
-            self._countdown = self._gap
-
-
 class _Connection:
     """One connection's loop. The idle deadline is pushed forward at most once per eighth of the
     idle timeout (moving a trio deadline costs more than answering a get), always to at least
@@ -197,23 +162,15 @@ class _Connection:
         recv, fd = sock.recv, sock.fileno()
         decoder = p.FrameDecoder()
         wait_readable, checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
-        pacer = _Pacer()
         greeted = False
         while True:
-            if pacer.look_first():
-                await checkpoint()
-                try:
-                    data = recv(_RECV)
-                except BlockingIOError:
-                    pacer.found(False)
-                    continue
-                pacer.found(True)
-            else:
+            # Look before waiting: under load the next request is usually there once the other
+            # connections had their turn, and waiting would re-arm the fd in epoll for nothing.
+            try:
+                data = recv(_RECV)
+            except BlockingIOError:
                 await wait_readable(fd)
-                try:
-                    data = recv(_RECV)
-                except BlockingIOError:
-                    continue
+                continue
             out: list[bytes] = []
             try:
                 decoder.feed(data)
@@ -248,6 +205,8 @@ class _Connection:
                     if rest:
                         await writer.write_rest(rest)
             self._touch()
+            # The batch's schedule point: no connection can starve the others.
+            await checkpoint()
 
     async def _pump(self) -> None:
         watcher = self.session.watcher
