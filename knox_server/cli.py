@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import structlog
 import trio
 
 from knox.errors import KnoxError
 from knox_server import main as server_main
-from knox_server.config import ConfigError, load_config
+from knox_server.config import ConfigError, ServerConfig, load_config
 from knox_server.crypto import KeyFileError
 from knox_server.dev import prepare_dev_state, write_dev_outputs
 from knox_server.logs import configure_logging
 from knox_server.tokens import TokenFileError
+
+log = structlog.get_logger("knox_server")
 
 __all__ = ["main"]
 
@@ -46,6 +50,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _until_signalled(
+    config: ServerConfig, on_listening: Callable[[list[str]], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (in-flight requests answered)."""
+    stop = trio.Event()
+
+    async def wait_for_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                stop.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_signal)
+        await server_main.run_server(config, on_listening=on_listening, shutdown_trigger=stop.wait)
+        nursery.cancel_scope.cancel()
+
+
 async def _dev(args: argparse.Namespace) -> None:
     state = prepare_dev_state(args.state_dir)
     config = state.server_config(args.listen, knox_compat=args.knox_compat)
@@ -55,7 +78,7 @@ async def _dev(args: argparse.Namespace) -> None:
         sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
 
-    await server_main.run_server(config, on_listening=announce)
+    await _until_signalled(config, announce)
 
 
 _EXPECTED = (ConfigError, KeyFileError, TokenFileError, KnoxError, OSError)
@@ -68,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = load_config(args.config)
-            trio.run(server_main.run_server, config)
+            trio.run(_until_signalled, config)
         elif args.command == "dev":
             trio.run(_dev, args)
         elif args.command == "migrate":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,12 @@ async def run_server(
     config: ServerConfig,
     *,
     on_listening: Callable[[list[str]], None] | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Load keys, tokens and the store, then serve until cancelled.
+    """Load keys, tokens and the store, then serve until cancelled or until ``shutdown_trigger``
+    returns (a graceful stop: in-flight requests are answered, within Hypercorn's graceful
+    timeout).
 
     With PostgreSQL, every replica's writes wake this one's long-polls: the change listener is
     up before the socket listens. ``on_listening`` and ``task_status`` receive the bound URLs
@@ -89,12 +92,17 @@ async def run_server(
             # A held long-poll reads nothing from its client: the read timeout must outlast it.
             read_timeout_seconds=MAX_WAIT_SECONDS + _READ_TIMEOUT_MARGIN_SECONDS,
         )
+
+        async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(app, settings, shutdown_trigger=shutdown_trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
         async with trio.open_nursery() as nursery:
             if config.storage_url.startswith(_POSTGRES_SCHEMES):
                 await nursery.start(
                     listen_for_changes, config.storage_url, hub.notify, hub.notify_all
                 )
-            urls: list[str] = await nursery.start(serve, app, settings)
+            urls: list[str] = await nursery.start(serve_then_stop)
             log.info("listening", urls=urls, master_keys=list(keyring.ids))
             if on_listening is not None:
                 on_listening(urls)

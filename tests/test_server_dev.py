@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -79,3 +82,31 @@ def test_port_in_use_is_one_line_error_not_a_traceback(
     assert code == 1
     assert "knox-server: [Errno 98] Address already in use" in err
     assert "Traceback" not in err
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "knox_server.cli",
+            "dev",
+            "--state-dir",
+            str(tmp_path),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert json.loads(process.stdout.readline())["url"].startswith("https://127.0.0.1:")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert b"Traceback" not in err
