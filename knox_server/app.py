@@ -54,6 +54,11 @@ are dropped as always (a deleted key is noticed by the caller's revalidation). W
 ``Preference-Applied`` (the caller polls instead). A held request whose client goes away is
 dropped at once. Every successful write announces its key to the hub. Without the preference,
 the change check is exactly the one described above.
+
+**Bulk change check** (an extension): ``POST /v0/changes/`` with the same ``id=hash`` pairs as a
+form body (up to :data:`MAX_CHANGES_BODY_BYTES`), the same semantics and the same long-poll. A URL
+carries about 600 keys; the body carries thousands, so a host's whole registration is one request.
+Go Knox answers it 404 code 8 (an unknown route), which tells a client to use the query form.
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ from knox_server.changes import ChangeHub, Subscription
 from knox_server.store import KeyMeta, KeyStore, StoredKey, StoredVersion
 
 __all__ = [
+    "CHANGES_PATH",
+    "MAX_CHANGES_BODY_BYTES",
     "MAX_WAIT_SECONDS",
     "AppSettings",
     "Authenticates",
@@ -164,6 +171,9 @@ _INTERNAL_ERROR = "Internal Server Error"
 # Before retry n (from 0), wait a random time up to 2**n ms, so racing writers spread out.
 _RETRY_BASE_US = 1000
 MAX_WAIT_SECONDS = 60
+CHANGES_PATH = "/v0/changes/"
+# About 10,000 keys of typical length.
+MAX_CHANGES_BODY_BYTES = 1024 * 1024
 
 
 class Sealer(Protocol):
@@ -664,6 +674,7 @@ class KnoxApp:
         self._key_locks = _KeyLocks()
         self._handlers: dict[str, Callable[[_Request], Awaitable[Any]]] = {
             "getkeys": self._get_keys,
+            "postchanges": self._post_changes,
             "postkeys": self._post_keys,
             "getkey": self._get_key,
             "deletekey": self._delete_key,
@@ -692,7 +703,12 @@ class KnoxApp:
                 await _send(send, 405, [], b"")
             return
         matched = _match(path)
-        if matched is None:
+        if path == CHANGES_PATH:
+            if method != "POST":
+                await _send(send, 405, [], b"")
+                return
+            req = _Request(scope, "postchanges", None, None)
+        elif matched is None:
             req = _Request(scope, "404", None, None)
         else:
             path_kind, key_id, version_id = matched
@@ -729,6 +745,8 @@ class KnoxApp:
             try:
                 if req.route in _FORM_FIELDS:
                     await self._read_form(req, receive)
+                elif req.route == "postchanges":
+                    await self._read_changes_body(req, receive)
                 chain = _client_chain(req.scope)
                 req.auth = self._auth.authenticate(req.headers.get(b"authorization"), chain)
                 if req.route == "404":
@@ -779,6 +797,21 @@ class KnoxApp:
             if name in req.form_fields:
                 req.params[name] = req.form_fields[name]
 
+    async def _read_changes_body(self, req: _Request, receive: Receive) -> None:
+        """The extension's body: the change query's ``id=hash`` pairs, form-encoded."""
+        try:
+            body = await _read_body(
+                receive, req.headers.get(b"content-length"), MAX_CHANGES_BODY_BYTES
+            )
+        except _BodyTooLarge:
+            raise BadRequestDataError(
+                f"Request body larger than {MAX_CHANGES_BODY_BYTES} bytes"
+            ) from None
+        try:
+            req.query = body.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadRequestDataError("Change check body is not form-encoded") from None
+
     def _record(self, req: _Request, code: int | None, status: int, message: str) -> None:
         headers = req.headers
         tls = _tls(req.scope)
@@ -827,6 +860,13 @@ class KnoxApp:
                 req.preference_applied = wait
                 return changed
         return await self.changed_key_ids(req.principal, wanted)
+
+    async def _post_changes(self, req: _Request) -> list[str]:
+        """``POST /v0/changes/``: the change check with its pairs in the body, so 1,000 keys fit
+        one request (a URL carries about 600). Never a listing: an empty body changes nothing."""
+        if not req.query:
+            return []
+        return await self._get_keys(req)
 
     async def _long_poll(
         self, req: _Request, wanted: Mapping[str, str], subscription: Subscription, wait: int
