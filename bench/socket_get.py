@@ -24,8 +24,11 @@ shared machines. Note that A is bimodal: when the scheduler keeps both of its pr
 CPU (A's p50 then falls under about 25 us) it is 2-3x faster than the usual cross-CPU hand-off,
 and every ratio against it looks worse; repeat the run.
 
-Usage: ``python bench/socket_get.py [--json] [--seconds S] [--rounds N]``; the default run takes
-about 40 s and stays under 60 s.
+``--floor`` adds ``floor_1`` and ``floor_16``: the same lean clients against the least a trio
+server can do per get (no peer checks, no validation), to tell knoxd's own cost from the host's.
+
+Usage: ``python bench/socket_get.py [--json] [--seconds S] [--rounds N] [--floor]``; the default
+run takes about 40 s (50 s with ``--floor``) and every run stays under 60 s.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ WARMUP = 0.2
 CLIENTS = 16
 QUIET_PCT = 25.0
 QUIET_BUDGET = 8.0
+# Per repetition beyond its measured window: load check, process start, warm-up.
+REP_OVERHEAD = 0.6
 HEADER = struct.Struct(">I")
 Op = Callable[[], object]
 
@@ -146,6 +151,79 @@ def _serve(root: Path, key: Key, ready: Connection) -> None:
             ready.send(True)
 
     trio.run(main)
+
+
+def _floor(path: str, key: Key, ready: Connection) -> None:
+    """The least a trio server can do per get on this host, for ``--floor``: the same frames as
+    knoxd (so the lean client reads both), but no peer checks, no validation, no cache view; raw
+    non-blocking sockets, a wait only when a read finds nothing, one checkpoint per batch."""
+    key_obj = p.cached_key_obj(key)
+
+    async def connection(sock: socket.socket) -> None:
+        packer = msgpack.Packer()
+        buf = bytearray()
+        with sock:
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                if not data:
+                    return
+                buf += data
+                out = []
+                while len(buf) >= 4 and len(buf) >= (end := 4 + HEADER.unpack_from(buf)[0]):
+                    msg = msgpack.unpackb(buf[4:end])
+                    del buf[:end]
+                    reply = (
+                        {"op": "hello"}
+                        if msg.get("op") == "hello"
+                        else {"id": msg["id"], "ok": True, "key": key_obj, "age_ms": 0}
+                    )
+                    body = packer.pack(reply)
+                    out.append(HEADER.pack(len(body)) + body)
+                view = memoryview(b"".join(out))
+                while view:
+                    try:
+                        view = view[sock.send(view) :]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            listener.listen(1024)
+            listener.setblocking(False)
+            ready.send(True)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(listener)
+                        continue
+                    sock.setblocking(False)
+                    nursery.start_soon(connection, sock)
+
+    trio.run(main)
+
+
+def _start(target: Callable[..., None], *args: Any) -> mp.process.BaseProcess:
+    """A server process, once it says it is ready."""
+    ready_r, ready_w = FORK.Pipe(duplex=False)
+    proc = FORK.Process(target=target, args=(*args, ready_w), daemon=True)
+    proc.start()
+    try:
+        if not ready_r.poll(10):
+            proc.terminate()
+            raise RuntimeError(f"the {target.__name__} server did not start")
+        ready_r.recv()
+    finally:
+        ready_r.close()
+        ready_w.close()
+    return proc
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -386,6 +464,7 @@ CASES = (
     "library_1",
     f"library_{CLIENTS}",
 )
+FLOOR_CASES = ("floor_1", f"floor_{CLIENTS}")
 
 
 def _median(reps: list[dict[str, float]]) -> dict[str, float]:
@@ -395,25 +474,23 @@ def _median(reps: list[dict[str, float]]) -> dict[str, float]:
     return result
 
 
-def run(seconds: float, rounds: int) -> dict[str, Any]:
+def run(seconds: float, rounds: int, floor: bool) -> dict[str, Any]:
     key = bench_key()
     request_size = len(p.encode_frame(p.request_obj(p.Get(1, KEY_ID))))
     response_size = len(p.encode_get_ok(1, p.encode_cached_key(key), 0, False))
-    reps: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
+    names = CASES + (FLOOR_CASES if floor else ())
+    reps: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     quiet_budget = QUIET_BUDGET
     load_before = os.getloadavg()
+    servers: list[mp.process.BaseProcess] = []
     with tempfile.TemporaryDirectory(prefix="knoxbench") as tmp:
         root = Path(tmp)
         path = str(root / "run" / "knoxd.sock")
-        ready_r, ready_w = FORK.Pipe(duplex=False)
-        server = FORK.Process(target=_serve, args=(root, key, ready_w), daemon=True)
-        server.start()
+        floor_path = str(root / "floor.sock")
         try:
-            if not ready_r.poll(10):
-                raise RuntimeError("the knoxd socket server did not start")
-            ready_r.recv()
-            assert server.pid is not None
-            pid = server.pid
+            servers.append(_start(_serve, root, key))
+            pid = servers[0].pid
+            assert pid is not None
             cases: dict[str, Callable[[], dict[str, float]]] = {
                 "raw_roundtrip": lambda: raw_roundtrip(request_size, response_size, seconds),
                 "persistent_1": lambda: in_children(lean_persistent(path), 1, seconds, pid),
@@ -426,6 +503,16 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
                     library_persistent(path), CLIENTS, seconds, pid
                 ),
             }
+            if floor:
+                servers.append(_start(_floor, floor_path, key))
+                floor_pid = servers[1].pid
+                assert floor_pid is not None
+                cases["floor_1"] = lambda: in_children(
+                    lean_persistent(floor_path), 1, seconds, floor_pid
+                )
+                cases[f"floor_{CLIENTS}"] = lambda: in_children(
+                    lean_persistent(floor_path), CLIENTS, seconds, floor_pid
+                )
             for _ in range(rounds):
                 for name, measure in cases.items():
                     bg = background_load(0.15)
@@ -438,10 +525,9 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
                     reps[name].append(result)
             cached = cached_rate(path, min(seconds, 1.0))
         finally:
-            server.terminate()
-            server.join(10)
-            ready_r.close()
-            ready_w.close()
+            for server in servers:
+                server.terminate()
+                server.join(10)
     results: dict[str, Any] = {name: _median(r) for name, r in reps.items()}
     for name, r in reps.items():
         results[name]["bg_pct"] = max(rep["bg_pct"] for rep in r)
@@ -484,7 +570,9 @@ def _print_table(results: dict[str, Any]) -> None:
         f"{'case':<18} {'req/s':>9} {'min-max':>15} {'p50 us':>8} {'p99 us':>8} "
         f"{'thr/A':>6} {'p50/A':>6} {'srv us/req':>10} {'bg %':>5}"
     )
-    for name in CASES:
+    for name in (*CASES, *FLOOR_CASES):
+        if name not in results:
+            continue
         r = results[name]
         srv = f"{r['srv_us']:.1f}" if "srv_us" in r else "-"
         spread = f"{r['rps_min']:,.0f}-{r['rps_max']:,.0f}"
@@ -504,12 +592,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--seconds", type=float, default=1.0, help="measured window per rep")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of every case")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the least a trio server can do per get (adds about 10 s)",
+    )
     args = parser.parse_args(argv)
-    if not 0.1 <= args.seconds <= 2.5:
-        parser.error("--seconds must be in 0.1..2.5 (the run must stay under 60 s)")
-    if not 1 <= args.rounds <= 5 or args.rounds * args.seconds > 6:
-        parser.error("--rounds must be in 1..5, with rounds x seconds at most 6")
-    results = run(args.seconds, args.rounds)
+    if not 0.1 <= args.seconds <= 2.5 or not 1 <= args.rounds <= 5:
+        parser.error("--seconds must be in 0.1..2.5 and --rounds in 1..5")
+    cases = len(CASES) + (len(FLOOR_CASES) if args.floor else 0)
+    estimate = cases * args.rounds * (args.seconds + REP_OVERHEAD) + QUIET_BUDGET + 3
+    if estimate > 60:
+        parser.error(f"that run would take up to {estimate:.0f} s; it must stay under 60 s")
+    results = run(args.seconds, args.rounds, args.floor)
     if args.json:
         json.dump(results, sys.stdout)
         print()

@@ -24,6 +24,7 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _CRED = struct.Struct("3i")
 _GID = struct.Struct("I")
+_CGROUP_MAX = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +92,22 @@ class Peer:
 
 
 def _read_unit(pid: int) -> str | None:
+    # os.read, not open(): a text file object costs twice the syscalls' time, per connection.
     try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
-            return unit_from_cgroup(f.read(65536))
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < _CGROUP_MAX and (chunk := os.read(fd, _CGROUP_MAX - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return unit_from_cgroup(b"".join(chunks).decode("utf-8", errors="replace"))
 
 
 def _groups(sock: socket.socket) -> frozenset[int]:
