@@ -5,13 +5,17 @@ stop was cut short, 2 for an unusable configuration file. Logs are JSON lines on
 
 Under systemd (``Type=notify``, see ``systemd/knoxd.service``), through :mod:`knoxd.sd`:
 
-* ``READY=1`` with a one-line ``STATUS=`` summary once the cache is loaded and both sockets
-  accept connections; the summary is sent again whenever it changes;
+* ``READY=1`` with a one-line ``STATUS=`` summary once the cache is loaded, every socket accepts
+  connections and the ``[[export]]`` directories are checked; the summary is sent again whenever it
+  changes;
 * ``WATCHDOG=1`` from the run loop while it serves, when ``WatchdogSec=`` is set;
 * ``STOPPING=1`` at the first SIGTERM or SIGINT; a start-up failure is sent as ``STATUS=``.
 
-Sockets handed over by socket activation, named ``workload`` and ``admin``
-(``FileDescriptorName=``), are served instead of binding the configured paths.
+Sockets handed over by socket activation, named ``workload``, ``admin`` and ``credentials``
+(``FileDescriptorName=``), are served instead of binding the configured paths. Beside the
+workload and admin sockets run the ``LoadCredential=`` socket (:mod:`knoxd.credentials`, when
+passed or ``credentials_socket`` is set) and the Knox-compatible export (:mod:`knoxd.export`, when
+``[[export]]`` tables exist); a failure to set either up is a failure to start.
 
 Stopping, at the first SIGTERM or SIGINT, within ``--stop-timeout`` seconds: the sockets stop
 being served. Requests already read are answered first (except a ``get`` still waiting for its
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -37,10 +42,12 @@ import trio
 
 from knox import __version__
 from knoxd.config import Config, ConfigError, load_config
+from knoxd.credentials import serve_credentials
 from knoxd.daemon import DaemonContext, StartupError, run_daemon
+from knoxd.export import ExportError, run_export
 from knoxd.fetch import FetchRequester, IdentityStatus, Refusal
 from knoxd.sd import Notifier, status_field, watchdog, watchdog_interval
-from knoxd.socket_api.listener import ListenerError
+from knoxd.socket_api.listener import ListenerError, activated_sockets
 from knoxd.socket_api.server import SocketContext, serve_sockets
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_STOP_TIMEOUT", "main"]
@@ -151,18 +158,49 @@ async def _keep_status(notifier: Notifier, context: DaemonContext, sent: str) ->
 async def _serve(
     context: DaemonContext, *, stop: trio.Event, notifier: Notifier, ping_every: float | None
 ) -> None:
-    """Serve the sockets until ``stop`` is set; then stop serving and return."""
+    """Serve the sockets and run the export until ``stop`` is set; then stop and return."""
     if stop.is_set():
         return
+    # Read once: the variables are cleared as they are read.
+    activated = activated_sockets()
+    credentials = activated.pop("credentials", None)
+    try:
+        await _serve_all(context, activated, credentials, stop, notifier, ping_every)
+    finally:
+        if credentials is not None:
+            credentials.close()
+
+
+async def _serve_all(
+    context: DaemonContext,
+    activated: dict[str, socket.socket],
+    credentials: socket.socket | None,
+    stop: trio.Event,
+    notifier: Notifier,
+    ping_every: float | None,
+) -> None:
+    fetch = _CompletingWrites(context.fetcher)
     sockets = SocketContext(
         config=context.config,
         view=context.view,
-        fetch=_CompletingWrites(context.fetcher),
+        fetch=fetch,
         version=__version__,
         started_at=context.started_at,
+        activated=activated,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_sockets, sockets)
+        await nursery.start(
+            partial(serve_credentials, context.config, context.view, fetch, listener=credentials)
+        )
+        try:
+            await nursery.start(run_export, context.config, context.view)
+        except ExportError as exc:
+            # The message names the export or the directory to fix.
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            where = exc.filename or context.config.daemon.export_dir
+            raise StartupError(f"export directory {where}: {exc.strerror or exc}") from None
         line = summary(context)
         notifier.notify("READY=1", status_field(line))
         log.info("ready", status=line)

@@ -1,9 +1,11 @@
 """The files in ``systemd/``, checked by systemd's own tools where they are installed
 (``systemd-analyze verify``, ``systemd-sysusers``, ``systemd-tmpfiles``, ``systemd-creds``), and
-against what knoxd expects of them (socket names, credential name, stop bound)."""
+against what knoxd expects of them (socket names, credential name, stop bound), with the export
+drop-in example applied as well as without it."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -15,10 +17,16 @@ import pytest
 
 from knoxd.cache.cache_key import CREDENTIAL_NAME, CacheKeySource, load_cache_key
 from knoxd.cli import DEFAULT_CONFIG, DEFAULT_STOP_TIMEOUT
-from knoxd.config import DEFAULT_ADMIN_SOCKET, DEFAULT_WORKLOAD_SOCKET, parse_config
+from knoxd.config import (
+    DEFAULT_ADMIN_SOCKET,
+    DEFAULT_EXPORT_DIR,
+    DEFAULT_WORKLOAD_SOCKET,
+    parse_config,
+)
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 UNIT_FILES = sorted([*UNITS.glob("*.service"), *UNITS.glob("*.socket")])
+EXPORT_DROP_IN = UNITS / "knoxd.service.d" / "export.conf.example"
 # Where the README's install puts the commands; the tests use this environment's instead.
 INSTALLED_BIN = "/usr/local/bin/"
 VENV_BIN = Path(sys.executable).parent
@@ -33,7 +41,8 @@ def needs(tool: str) -> pytest.MarkDecorator:
 
 
 def unit(name: str) -> dict[str, dict[str, list[str]]]:
-    """The settings of a unit file: section -> key -> values in order (keys may repeat)."""
+    """The settings of a unit file (or drop-in, by its path under ``systemd/``): section -> key ->
+    values in order (keys may repeat)."""
     sections: dict[str, dict[str, list[str]]] = {}
     current: dict[str, list[str]] = {}
     for raw in (UNITS / name).read_text().splitlines():
@@ -59,26 +68,72 @@ def run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
     )
 
 
+def _install(directory: Path, *, export: bool) -> Path:
+    """The units in ``directory`` (with the export drop-in if ``export``), their commands this
+    environment's: verify checks that ExecStart= binaries exist."""
+    directory.mkdir()
+    for path in UNIT_FILES:
+        text = path.read_text()
+        (directory / path.name).write_text(text.replace(INSTALLED_BIN, f"{VENV_BIN}/"))
+    if export:
+        # systemd-analyze reads drop-ins from beside the unit files it is given.
+        (directory / "knoxd.service.d").mkdir()
+        (directory / "knoxd.service.d" / "export.conf").write_text(EXPORT_DROP_IN.read_text())
+    return directory
+
+
 @needs("systemd-analyze")
 def test_every_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert {p.name for p in UNIT_FILES} == {
         "knoxd.service",
         "knoxd.socket",
         "knoxd-admin.socket",
+        "knoxd-credentials.socket",
         "knoxd-cache-key.service",
         "knox-server.service",
     }
-    for path in UNIT_FILES:
-        text = path.read_text()
-        # verify checks that ExecStart= binaries exist: point them at this environment's.
-        (tmp_path / path.name).write_text(text.replace(INSTALLED_BIN, f"{VENV_BIN}/"))
     for command in ("knoxd", "knox-server"):
         assert (VENV_BIN / command).exists()
+    for export in (False, True):
+        installed = _install(tmp_path / f"export-{export}", export=export)
+        result = run(
+            ["systemd-analyze", "verify", "--man=no", *(p.name for p in UNIT_FILES)],
+            cwd=installed,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout + result.stderr == ""
+
+
+def _exposure(directory: Path) -> dict[str, bool]:
+    """Which of ``systemd-analyze security``'s restrictions knoxd.service has, by JSON field."""
     result = run(
-        ["systemd-analyze", "verify", "--man=no", *(p.name for p in UNIT_FILES)], cwd=tmp_path
+        ["systemd-analyze", "security", "--offline=yes", "--json=short", "knoxd.service"],
+        cwd=directory,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout + result.stderr == ""
+    return {check["json_field"]: check["set"] for check in json.loads(result.stdout)}
+
+
+@needs("systemd-analyze")
+def test_the_export_drop_in_allows_chown_and_nothing_else_changes(tmp_path: Path) -> None:
+    dropin = unit(str(EXPORT_DROP_IN.relative_to(UNITS)))["Service"]
+    assert one(dropin, "ReadWritePaths") == str(DEFAULT_EXPORT_DIR)
+    caps = one(dropin, "AmbientCapabilities")
+    assert one(dropin, "CapabilityBoundingSet") == caps
+    assert "CAP_CHOWN" in caps.split()
+    plain = _exposure(_install(tmp_path / "plain", export=False))
+    export = _exposure(_install(tmp_path / "export", export=True))
+    chown_checks = {"SystemCallFilter_privileged", "CapabilityBoundingSet_CAP_CHOWN_FSETID_SETFCAP"}
+    assert all(plain[field] for field in chown_checks)
+    assert not any(export[field] for field in chown_checks)
+    # Besides chown, the drop-in loosens only the ambient set and CAP_FOWNER's group.
+    loosened = {field for field, kept in plain.items() if kept and not export[field]}
+    assert loosened - chown_checks <= {
+        "AmbientCapabilities",
+        "CapabilityBoundingSet_CAP_DAC_FOWNER_IPC_OWNER",
+    }
+    listed = run(["systemd-analyze", "syscall-filter", "@chown"])
+    assert "fchown" in listed.stdout.split()
 
 
 def test_knoxd_service_is_what_knoxd_and_the_design_expect() -> None:
@@ -103,7 +158,11 @@ def test_knoxd_service_is_what_knoxd_and_the_design_expect() -> None:
     for blinding in ("ProtectProc", "PrivatePIDs", "PrivateUsers", "ProcSubset"):
         assert blinding not in service
     assert one(service, "RestrictAddressFamilies").split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
-    assert one(service, "Sockets").split() == ["knoxd.socket", "knoxd-admin.socket"]
+    assert one(service, "Sockets").split() == [
+        "knoxd.socket",
+        "knoxd-admin.socket",
+        "knoxd-credentials.socket",
+    ]
 
 
 def test_socket_units_name_the_sockets_knoxd_looks_for() -> None:
@@ -116,6 +175,11 @@ def test_socket_units_name_the_sockets_knoxd_looks_for() -> None:
     assert one(admin, "FileDescriptorName") == "admin"
     assert (one(admin, "SocketMode"), one(admin, "SocketGroup")) == ("0660", "knox-admin")
     assert one(admin, "Service") == one(workload, "Service") == "knoxd.service"
+    credentials = unit("knoxd-credentials.socket")["Socket"]
+    assert one(credentials, "ListenStream") == "/run/knoxd/credentials.sock"
+    assert one(credentials, "FileDescriptorName") == "credentials"
+    assert (one(credentials, "SocketUser"), one(credentials, "SocketMode")) == ("root", "0600")
+    assert one(credentials, "Service") == "knoxd.service"
     # Not the service's RuntimeDirectory=, which systemd removes whenever knoxd stops.
     assert "RuntimeDirectory" not in unit("knoxd.service")["Service"]
 
