@@ -157,8 +157,9 @@ def _write(dirs: _Dirs, target: ExportTarget, document: bytes) -> None:
             view = memoryview(document)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fchown(fd, target.uid, target.gid)
+            # Mode first: once the file is given away, changing it would need CAP_FOWNER.
             os.fchmod(fd, target.mode)
+            os.fchown(fd, target.uid, target.gid)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -126,12 +126,9 @@ def test_the_export_drop_in_allows_chown_and_nothing_else_changes(tmp_path: Path
     chown_checks = {"SystemCallFilter_privileged", "CapabilityBoundingSet_CAP_CHOWN_FSETID_SETFCAP"}
     assert all(plain[field] for field in chown_checks)
     assert not any(export[field] for field in chown_checks)
-    # Besides chown, the drop-in loosens only the ambient set and CAP_FOWNER's group.
+    # Besides chown, the drop-in loosens only the ambient set.
     loosened = {field for field, kept in plain.items() if kept and not export[field]}
-    assert loosened - chown_checks <= {
-        "AmbientCapabilities",
-        "CapabilityBoundingSet_CAP_DAC_FOWNER_IPC_OWNER",
-    }
+    assert loosened - chown_checks <= {"AmbientCapabilities"}
     listed = run(["systemd-analyze", "syscall-filter", "@chown"])
     assert "fchown" in listed.stdout.split()
 
