@@ -10,9 +10,10 @@ a value older than that is refused with ``stale`` instead. Admin answers never c
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import structlog
 import trio
@@ -35,6 +36,8 @@ _REFUSAL_CODES = {
     Refusal.NOT_FOUND: (p.ErrorCode.NOT_FOUND, "the key does not exist upstream"),
     Refusal.UNREACHABLE: (p.ErrorCode.UPSTREAM_UNAVAILABLE, "nothing cached; upstream unreachable"),
 }
+# The op labels of the request counts; a message naming none of these counts as "invalid".
+_OPS = frozenset(cls.op for cls in get_args(p.Request))
 _REVOKE = {
     RemovalReason.DELETED: p.RevokeReason.DELETED,
     RemovalReason.FORBIDDEN: p.RevokeReason.FORBIDDEN,
@@ -79,6 +82,8 @@ class ServerState:
     connections: int = 0
     per_uid: dict[int, int] = field(default_factory=dict)
     buckets: dict[int, TokenBucket] = field(default_factory=dict)
+    #: Requests answered, by (op, ``"ok"`` or the error code); read by :mod:`knoxd.metrics`.
+    answered: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def age_ms(self, entry: ViewEntry, now: float) -> int:
         return max(0, int((now - entry.fetched_at) * 1000))
@@ -97,6 +102,15 @@ class ServerState:
 
 def _error(request_id: int | None, code: p.ErrorCode, message: str) -> bytes:
     return p.encode_frame(p.error(request_id, code, message))
+
+
+def _result(frame: bytes) -> str:
+    """``"ok"``, or the error code of an error answer (always a 3-entry map, so any other
+    frame is an ok answer and is not decoded)."""
+    if frame[4] != 0x83:
+        return "ok"
+    reply = p.decode_body(frame[4:])
+    return "ok" if reply["ok"] else str(reply["error"]["code"])
 
 
 class Session:
@@ -153,6 +167,14 @@ class Session:
     def answer_now(self, msg: dict[str, Any]) -> bytes | p.Request:
         """The response frame for one request message, or the parsed request if answering it
         must wait (pass it to :meth:`answer_later`)."""
+        answer = self._answer_now(msg)
+        if type(answer) is bytes:
+            op = msg.get("op")
+            label = op if type(op) is str and op in _OPS else "invalid"
+            self.state.answered[label, _result(answer)] += 1
+        return answer
+
+    def _answer_now(self, msg: dict[str, Any]) -> bytes | p.Request:
         if len(msg) == 3 and msg.get("op") == "get":
             try:
                 answer = self._plain_get(msg)
@@ -175,6 +197,11 @@ class Session:
 
     async def answer_later(self, request: p.Request) -> bytes:
         """The response frame of a request :meth:`answer_now` could not answer at once."""
+        answer = await self._answer_later(request)
+        self.state.answered[request.op, _result(answer)] += 1
+        return answer
+
+    async def _answer_later(self, request: p.Request) -> bytes:
         try:
             if isinstance(request, p.Get):
                 return await self._get_wait(request)
