@@ -12,10 +12,8 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
-from knox_server.cli import main
 from tests.server_fixtures import dev_server, dev_server_process
 
 
@@ -70,18 +68,21 @@ async def test_in_process_dev_server_denies_the_dev_user_by_default(tmp_path: Pa
     assert denied.json()["message"] == "Principal dev not authorized to read demo:db_password"
 
 
-def test_port_in_use_is_one_line_error_not_a_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_port_in_use_is_one_line_error_not_a_traceback(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["dev", "--state-dir", str(tmp_path / "dev"), "--listen", f"127.0.0.1:{port}"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "knox-server: [Errno 98] Address already in use" in err
-    assert "Traceback" not in err
+        command = [sys.executable, "-m", "knox_server.cli", "dev", "--state-dir", str(tmp_path)]
+        result = subprocess.run(
+            [*command, "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert b"knox-server: [Errno 98] Address already in use" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
