@@ -230,14 +230,15 @@ async def watch(host: Host) -> None:
     while True:
         try:
             async with (
-                AsyncClient(host.socket, cache=False, reconnect_window=10) as client,
+                AsyncClient(host.socket, cache=False, timeout=30, reconnect_window=10) as client,
                 client.watch([KEY]) as events,
             ):
                 async for event in events:
                     if isinstance(event, UpdateEvent):
                         host.seen.setdefault(event.key.primary.data, trio.current_time())
                         host.hash = event.key.hash
-        except DaemonError:
+        except* DaemonError:
+            # A daemon still starting (50 at once on 2 cores): watch again.
             await trio.sleep(0.2)
 
 
@@ -259,6 +260,19 @@ def all_seen(hosts: Sequence[Host], target: bytes) -> bool:
 
 
 # --- measurement ---------------------------------------------------------------------------------
+
+
+def cpu_seconds(processes: Sequence[trio.Process]) -> float:
+    """User + system CPU time of the processes so far (from ``/proc/PID/stat``)."""
+    ticks = 0
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -310,6 +324,7 @@ async def measure(
     progress = sys.stderr
     async with database(dsn, root) as url, AsyncExitStack() as stack:
         servers: list[str] = []
+        server_processes: list[trio.Process] = []
         audits: list[Path] = []
         for r in range(replicas):
             directory = root / f"server{r}"
@@ -320,6 +335,7 @@ async def measure(
                 [sys.executable, "-m", "knox_server.cli", "serve", "--config", str(config)], log
             )
             stack.push_async_callback(stop, [process])
+            server_processes.append(process)
             servers.append(f"https://127.0.0.1:{port}")
             audits.append(directory / "audit.jsonl")
             await wait_healthy(servers[-1], state.pki.ca, process, log)
@@ -361,6 +377,7 @@ async def measure(
         latencies: list[float] = []
         per_rotation: list[float] = []
         rng = random.Random()
+        cpu_before = cpu_seconds(server_processes), cpu_seconds(daemons), time.process_time()
         for rotation in range(1, args.rotations + 1):
             target = f"rot-{rotation}".encode()
             version = await admin.add_version(KEY, target)
@@ -387,6 +404,11 @@ async def measure(
                 flush=True,
             )
 
+        cpu_used = (
+            cpu_seconds(server_processes) - cpu_before[0],
+            cpu_seconds(daemons) - cpu_before[1],
+            time.process_time() - cpu_before[2],
+        )
         await trio.sleep(1.0)
         idle_from = time.time()
         await trio.sleep(args.idle)
@@ -423,6 +445,14 @@ async def measure(
             "(goal: p99 < 1 s)"
         )
         print("slowest host per rotation (s): " + " ".join(f"{v:.3f}" for v in per_rotation))
+        # Each rotation here is two fleet-wide changes: the added version, then the promote.
+        per = 1000 / args.rotations
+        print(
+            f"CPU per rotation (add + promote): servers {cpu_used[0] * per:.0f} ms, all knoxd "
+            f"{cpu_used[1] * per:.0f} ms ({cpu_used[1] * per / args.hosts:.1f} ms per host), "
+            f"applications {cpu_used[2] * per:.0f} ms; the {os.cpu_count()} cores give "
+            f"{(os.cpu_count() or 1) * 1000} ms per second"
+        )
         print(
             f"idle upstream: {requests} requests from {args.hosts} hosts in "
             f"{idle_to - idle_from:.1f} s = {idle_rps:.4f} req/s per host "
