@@ -40,7 +40,9 @@ Deliberate departures from the Go server, each invisible to a well-behaved Knox 
 * writes to one key queue within the process, and a race lost to another process (another
   worker) is retried ``write_retries`` times before answering code 1 (Go answers 500 at once).
 
-``GET /healthz`` answers 200 ``ok`` without authentication or audit.
+``GET /healthz`` answers 200 ``ok`` without authentication or audit. So does ``GET /metrics``
+(Prometheus text format, see :mod:`knox_server.metrics`: counts and timings, never a key id) unless
+``AppSettings.metrics`` is off; then ``/metrics`` is an unknown route like any other.
 
 **Long-poll** (an extension a Go client never triggers): a change check (``GET /v0/keys/?id=hash…``)
 with ``Prefer: wait=N`` (RFC 7240; ``N`` capped at ``max_wait_seconds``) is answered at once if
@@ -136,6 +138,7 @@ from knox.wire import (
 from knox_server.audit import AuditLog, AuditRecord, new_request_id
 from knox_server.auth import AuthResult
 from knox_server.changes import ChangeHub, Subscription
+from knox_server.metrics import ServerMetrics
 from knox_server.store import KeyMeta, KeyStore, StoredKey, StoredVersion
 
 __all__ = [
@@ -195,7 +198,9 @@ class AppSettings:
     """Behaviour knobs. ``host`` is the envelope's ``host`` field; ``default_acl`` entries are
     added (``acl_add``) to every new key after the creator's Admin entry; ``clock`` gives
     nanoseconds since the epoch for envelopes, new versions and audit records.
-    ``max_wait_seconds`` caps a long-poll's ``Prefer: wait``."""
+    ``max_wait_seconds`` caps a long-poll's ``Prefer: wait``. ``metrics``: serve ``GET /metrics``
+    (without authentication: Prometheus scrapers rarely hold client certificates, and the figures
+    name no key)."""
 
     host: str
     default_acl: tuple[Access, ...] = ()
@@ -203,6 +208,7 @@ class AppSettings:
     max_body_bytes: int = 64 * 1024
     write_retries: int = 5
     max_wait_seconds: int = MAX_WAIT_SECONDS
+    metrics: bool = True
     clock: Callable[[], int] = time.time_ns
 
     def __post_init__(self) -> None:
@@ -579,10 +585,12 @@ class _Request:
         "request_id",
         "route",
         "scope",
+        "started",
         "version_id",
     )
 
     def __init__(self, scope: Scope, route: str, key_id: str | None, version_id: str | None):
+        self.started = time.perf_counter()
         self.scope = scope
         self.method: str = scope["method"]
         self.path: str = scope["path"]
@@ -664,6 +672,7 @@ class KnoxApp:
         audit: AuditLog,
         settings: AppSettings,
         hub: ChangeHub,
+        metrics: ServerMetrics,
     ) -> None:
         self._store = store
         self._keyring = keyring
@@ -671,6 +680,7 @@ class KnoxApp:
         self._audit = audit
         self._settings = settings
         self._hub = hub
+        self._metrics = metrics
         self._key_locks = _KeyLocks()
         self._handlers: dict[str, Callable[[_Request], Awaitable[Any]]] = {
             "getkeys": self._get_keys,
@@ -683,6 +693,10 @@ class KnoxApp:
             "postversion": self._post_version,
             "putversion": self._put_version,
         }
+
+    @property
+    def metrics(self) -> ServerMetrics:
+        return self._metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -699,6 +713,13 @@ class KnoxApp:
         if path == "/healthz":
             if method == "GET":
                 await _send(send, 200, [(b"content-type", b"text/plain")], b"ok\n")
+            else:
+                await _send(send, 405, [], b"")
+            return
+        if path == "/metrics" and self._settings.metrics:
+            if method == "GET":
+                body, content_type = self._metrics.render(_accept(scope))
+                await _send(send, 200, [(b"content-type", content_type.encode("ascii"))], body)
             else:
                 await _send(send, 405, [], b"")
             return
@@ -841,6 +862,9 @@ class KnoxApp:
                 params=req.params,
                 query_ids=req.query_ids,
             )
+        )
+        self._metrics.request_done(
+            req.route, None if code is None else int(code), time.perf_counter() - req.started
         )
 
     # -- reads --
@@ -1108,14 +1132,16 @@ def create_app(
 
     ``hub`` wakes long-polls; pass the one the store's change feed notifies when other processes
     write to the same store (PostgreSQL). By default the app has a hub of its own, which hears
-    this app's writes only."""
+    this app's writes only. The app's metrics (``app.metrics``) are its own."""
+    hub = ChangeHub() if hub is None else hub
     return KnoxApp(
         store=store,
         keyring=keyring,
         authenticator=authenticator,
         audit=audit,
         settings=settings,
-        hub=ChangeHub() if hub is None else hub,
+        hub=hub,
+        metrics=ServerMetrics(hub=hub, audit=audit),
     )
 
 
@@ -1141,6 +1167,13 @@ def _headers(scope: Scope) -> dict[bytes, str]:
         elif name in _LIST_HEADERS:
             found[name] += "," + value.decode("latin-1")
     return found
+
+
+def _accept(scope: Scope) -> str:
+    """The ``Accept`` header's lines, joined (the scrape's format preference)."""
+    return ",".join(
+        value.decode("latin-1") for name, value in scope.get("headers", ()) if name == b"accept"
+    )
 
 
 def _tls(scope: Scope) -> Mapping[str, Any]:

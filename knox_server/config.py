@@ -9,6 +9,7 @@ client_ca = "/etc/knox-server/ca.pem"   # CA for client certificates (machines, 
 host = "knox-1"                    # the envelope's "host"; default: this machine's hostname
 knox_compat = false                # true: GET /v0/keys/ lists every key, as Go Knox does
 max_body_bytes = 65536
+metrics = true                     # serve GET /metrics (Prometheus) without authentication
 
 [storage]
 url = "sqlite:///var/lib/knox-server/knox.db"   # or postgresql://USER@HOST:PORT/DB?...
@@ -28,6 +29,11 @@ file = "/var/log/knox-server/audit.jsonl"  # optional; default: a JSON line per 
 ```
 
 Relative paths are relative to the configuration file's directory.
+
+``metrics``: ``GET /metrics`` answers without a client certificate or token, since Prometheus
+scrapers rarely hold either; it exposes request counts and timings by route and code, the
+long-polls held and the audit records written, never a key id or a principal. Set it to ``false``
+to answer ``/metrics`` as an unknown route (404 code 8, after authentication).
 """
 
 from __future__ import annotations
@@ -64,10 +70,20 @@ class ServerConfig:
     default_acl: tuple[Access, ...]
     audit_file: Path | None
     migrate_on_start: bool = False
+    metrics: bool = True
 
 
 _SECTIONS: dict[str, set[str]] = {
-    "server": {"listen", "cert", "key", "client_ca", "host", "knox_compat", "max_body_bytes"},
+    "server": {
+        "listen",
+        "cert",
+        "key",
+        "client_ca",
+        "host",
+        "knox_compat",
+        "max_body_bytes",
+        "metrics",
+    },
     "storage": {"url", "master_key_file", "migrate_on_start"},
     "auth": {"token_file"},
     "audit": {"file"},
@@ -152,6 +168,9 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> ServerConfig:
     knox_compat = server.get("knox_compat", False)
     if not isinstance(knox_compat, bool):
         raise ConfigError("server.knox_compat: expected true or false")
+    metrics = server.get("metrics", True)
+    if not isinstance(metrics, bool):
+        raise ConfigError("server.metrics: expected true or false")
     max_body = server.get("max_body_bytes", 64 * 1024)
     if (
         isinstance(max_body, bool)
@@ -181,6 +200,7 @@ def parse_config(doc: Mapping[str, Any], base: Path) -> ServerConfig:
         default_acl=_default_acl(doc),
         audit_file=r.optional_path(audit, "audit", "file"),
         migrate_on_start=migrate_on_start,
+        metrics=metrics,
     )
 
 

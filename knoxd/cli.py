@@ -15,7 +15,8 @@ Sockets handed over by socket activation, named ``workload``, ``admin`` and ``cr
 (``FileDescriptorName=``), are served instead of binding the configured paths. Beside the
 workload and admin sockets run the ``LoadCredential=`` socket (:mod:`knoxd.credentials`, when
 passed or ``credentials_socket`` is set) and the Knox-compatible export (:mod:`knoxd.export`, when
-``[[export]]`` tables exist); a failure to set either up is a failure to start.
+``[[export]]`` tables exist); a failure to set either up is a failure to start. So does the
+Prometheus metrics endpoint (:mod:`knoxd.metrics`), when ``metrics_listen`` is set.
 
 Stopping, at the first SIGTERM or SIGINT, within ``--stop-timeout`` seconds: the sockets stop
 being served. Requests already read are answered first (except a ``get`` still waiting for its
@@ -46,6 +47,7 @@ from knoxd.credentials import serve_credentials
 from knoxd.daemon import DaemonContext, StartupError, run_daemon
 from knoxd.export import ExportError, run_export
 from knoxd.fetch import FetchRequester, IdentityStatus, Refusal
+from knoxd.metrics import DaemonMetrics, serve_metrics
 from knoxd.sd import Notifier, status_field, watchdog, watchdog_interval
 from knoxd.socket_api.listener import ListenerError, activated_sockets
 from knoxd.socket_api.server import SocketContext, serve_sockets
@@ -189,7 +191,9 @@ async def _serve_all(
         activated=activated,
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_sockets, sockets)
+        state = await nursery.start(serve_sockets, sockets)
+        metrics = DaemonMetrics(context.config, context.view, context.fetcher, state)
+        await nursery.start(serve_metrics, context.config, metrics.registry)
         await nursery.start(
             partial(serve_credentials, context.config, context.view, fetch, listener=credentials)
         )

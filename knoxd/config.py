@@ -26,11 +26,19 @@ the socket protocol:
 
 Every key a credential or an export serves is registered for its identity at start: it is added to
 that identity's ``keys``.
+
+And one way of watching the daemon: ``[daemon] metrics_listen`` (optional; absent means no metrics
+endpoint) is where knoxd serves Prometheus metrics over plain HTTP (``GET /metrics``, see
+:mod:`knoxd.metrics`): ``"127.0.0.1:9102"`` (an IP address or ``localhost``, IPv6 in brackets,
+port 1-65535) or ``"unix:/run/knoxd/metrics.sock"`` (an absolute path; the socket is mode 0666).
+There is no authentication: the figures name identities, never keys, but prefer a loopback
+address or the Unix socket. It is parsed to a ``(host, port)`` pair or a :class:`~pathlib.Path`.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import os
 import re
@@ -122,6 +130,7 @@ class DaemonConfig:
     backoff_max_seconds: float = 300.0
     credentials_socket: Path | None = None
     export_dir: Path = DEFAULT_EXPORT_DIR
+    metrics_listen: tuple[str, int] | Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +286,7 @@ def _daemon(t: _Table | None) -> DaemonConfig:
             "backoff_max_seconds",
             "credentials_socket",
             "export_dir",
+            "metrics_listen",
         }
     )
     d = DaemonConfig(
@@ -299,6 +309,7 @@ def _daemon(t: _Table | None) -> DaemonConfig:
             else None
         ),
         export_dir=t.path("export_dir") or DEFAULT_EXPORT_DIR,
+        metrics_listen=_metrics_listen(t) if "metrics_listen" in t.data else None,
     )
     if d.backoff_min_seconds > d.backoff_max_seconds:
         raise t.error("backoff_min_seconds", "must not be larger than backoff_max_seconds")
@@ -306,7 +317,50 @@ def _daemon(t: _Table | None) -> DaemonConfig:
         raise t.error("admin_socket", "must differ from workload_socket")
     if d.credentials_socket in (d.workload_socket, d.admin_socket):
         raise t.error("credentials_socket", "must differ from workload_socket and admin_socket")
+    if isinstance(d.metrics_listen, Path) and d.metrics_listen in (
+        d.workload_socket,
+        d.admin_socket,
+        d.credentials_socket,
+    ):
+        raise t.error("metrics_listen", "must differ from knoxd's other sockets")
     return d
+
+
+def _metrics_listen(t: _Table) -> tuple[str, int] | Path:
+    value = t.string("metrics_listen")
+    if value.startswith("unix:"):
+        path = Path(value.removeprefix("unix:"))
+        if not path.is_absolute():
+            raise t.error("metrics_listen", f"{value!r}: the socket path must be absolute")
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+            raise t.error(
+                "metrics_listen",
+                f"too long for a Unix socket (the limit is {MAX_SOCKET_PATH_BYTES} bytes)",
+            )
+        return path
+    host, _, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if host == "localhost":
+        ipv6 = False
+    else:
+        try:
+            ipv6 = ipaddress.ip_address(host).version == 6
+        except ValueError:
+            host = ""
+    if (
+        not host
+        or ipv6 != bracketed
+        or not (port.isascii() and port.isdigit() and len(port) <= 5)
+        or not 1 <= int(port) <= 65535
+    ):
+        raise t.error(
+            "metrics_listen",
+            f'{value!r}: expected "HOST:PORT" (an IP address or localhost, IPv6 in brackets) '
+            'or "unix:/PATH"',
+        )
+    return host, int(port)
 
 
 def _upstream(t: _Table) -> UpstreamConfig:
