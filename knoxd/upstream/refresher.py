@@ -400,8 +400,10 @@ class Refresher:
         self._wall_clock = wall_clock
         self.write_lock = trio.Lock()
         self.last_refresh_at: float | None = None
+        # Upstream requests answered (change checks, key fetches) and not answered, for metrics.
         self.checks = 0
         self.fetches = 0
+        self.failed_requests = 0
         # The wait the server applied to the last change check; None while it polls.
         self.long_poll_applied: int | None = None
         self._wakeup: trio.Event | None = None
@@ -465,6 +467,7 @@ class Refresher:
                         self._long_poll = (scope, started)
                     result = await client.check_keys(step.hashes, wait=step.wait)
         except KnoxError as exc:
+            self.failed_requests += 1
             self._failed(exc)
             return
         finally:
@@ -508,6 +511,7 @@ class Refresher:
                 outcome: Key | KnoxError = await client.get_key(key_id, VersionStatus.INACTIVE)
             except KnoxError as exc:
                 if judge(exc) is Verdict.UPSTREAM_DOWN:
+                    self.failed_requests += 1
                     down.append(exc)
                     nursery.cancel_scope.cancel()
                     return
