@@ -318,6 +318,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 async def measure(
     args: argparse.Namespace, dsn: str | None, root: Path, note: str
 ) -> dict[str, object]:
+    load_before = os.getloadavg()[0]
     state = prepare_dev_state(root / "dev")
     admin_token = state.token_path("admin").read_text(encoding="utf-8").strip()
     replicas = 2 if dsn is not None else 1
@@ -434,7 +435,10 @@ async def measure(
             f"hosts: {args.hosts} knoxd + 1 watching app each; long-poll window "
             f"{args.refresh:g} s (jittered down by up to 10 %)"
         )
-        print(f"cpus: {os.cpu_count()}")
+        print(
+            f"cpus: {os.cpu_count()}; load average (1 min) at start {load_before:.1f}, at end "
+            f"{os.getloadavg()[0]:.1f} (other work on the machine slows every figure here)"
+        )
         print(
             f"floor: one GET of the key over TLS keep-alive from here: p50 "
             f"{percentile(floor, 50) * 1000:.1f} ms, max {floor[-1] * 1000:.1f} ms"
