@@ -30,8 +30,8 @@ that identity's ``keys``.
 And one way of watching the daemon: ``[daemon] metrics_listen`` (optional; absent means no metrics
 endpoint) is where knoxd serves Prometheus metrics over plain HTTP (``GET /metrics``, see
 :mod:`knoxd.metrics`): ``"127.0.0.1:9102"`` (an IP address or ``localhost``, IPv6 in brackets,
-port 1-65535) or ``"unix:/run/knoxd/metrics.sock"`` (an absolute path; the socket is mode 0666).
-There is no authentication: the figures name identities, never keys, but prefer a loopback
+port 1-65535) or ``"unix:/run/knoxd-metrics/metrics.sock"`` (an absolute path; the socket is mode
+0666). There is no authentication: the figures name identities, never keys, but prefer a loopback
 address or the Unix socket. It is parsed to a ``(host, port)`` pair or a :class:`~pathlib.Path`.
 """
 
