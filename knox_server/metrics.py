@@ -47,6 +47,7 @@ __all__ = ["LATENCY_BUCKETS", "ServerMetrics"]
 #: Upper bounds (seconds) of the latency histogram's buckets; a long-poll lasts up to 60 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
 _BUCKET_LABELS = [str(bound) for bound in LATENCY_BUCKETS]
+_OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 class _Latency:
@@ -134,7 +135,10 @@ class ServerMetrics:
         )
 
     def render(self, accept: str) -> tuple[bytes, str]:
-        """The exposition for a scrape with this ``Accept`` header: Prometheus text format, or
-        OpenMetrics if asked for. Returns the body and its content type."""
-        encoder, content_type = choose_encoder(accept)
+        """The exposition for a scrape with this ``Accept`` header: OpenMetrics 1.0.0 if it names
+        OpenMetrics, else the Prometheus text format 0.0.4. Returns the body and its content
+        type. Only the media type is looked for: the header's parameters are never parsed (the
+        library's parser raises on some) nor echoed."""
+        wanted = _OPENMETRICS if "application/openmetrics-text" in accept else ""
+        encoder, content_type = choose_encoder(wanted)
         return encoder(self.registry), content_type

@@ -72,6 +72,7 @@ _MAX_REQUEST_BYTES = 16 * 1024
 _RECV = 16 * 1024
 _SOCKET_MODE = 0o666
 _DIR_MODE = 0o755
+_OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 # The results of a get that found no usable cached value.
 _MISSES = frozenset(
     {
@@ -180,13 +181,19 @@ def _by_identity(name: str, documentation: str, values: Mapping[str, float]) -> 
 def respond(
     method: bytes, target: bytes, accept: str, registry: CollectorRegistry
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """The status, headers and body answering one request (pure but for the scrape)."""
+    """The status, headers and body answering one request (pure but for the scrape): the
+    metrics for ``GET /metrics`` (OpenMetrics 1.0.0 if ``accept`` names it, else the Prometheus
+    text format 0.0.4), 404 for another path, 405 for another method."""
     path = target.partition(b"?")[0]
     if path != b"/metrics":
         return 404, [("content-type", "text/plain")], b"not found; try /metrics\n"
     if method != b"GET":
         return 405, [("allow", "GET")], b""
-    encoder, content_type = choose_encoder(accept)
+    # Only the media type is looked for: the header's parameters are never parsed (the library's
+    # parser raises on some) nor echoed.
+    encoder, content_type = choose_encoder(
+        _OPENMETRICS if "application/openmetrics-text" in accept else ""
+    )
     return 200, [("content-type", content_type)], encoder(registry)
 
 
@@ -289,6 +296,9 @@ async def serve_metrics(
             except trio.BrokenResourceError:
                 # The scraper went away: nothing to answer.
                 return
+            except Exception:
+                # A bug here must cost one scrape, never the daemon.
+                log.exception("metrics request failed")
             finally:
                 active -= 1
 

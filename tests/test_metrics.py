@@ -13,7 +13,7 @@ import shutil
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,6 +22,8 @@ import pytest
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from knox.client import AsyncClient, NotRegisteredError
@@ -98,6 +100,32 @@ async def scrape(scraper: str, url: str, *, ca: Path | None = None, uds: Path | 
         assert reply.status_code == 200, reply.text
         assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
         return reply.text
+
+
+# What scrapers send (Prometheus asks for OpenMetrics first), and versions the library cannot read.
+ACCEPT_HEADERS = [
+    "*/*",
+    "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "application/openmetrics-text; version=abc",
+    "text/plain; version=abc",
+    "text/plain; version=1.0.0\u00e9",
+]
+
+
+# The OpenMetrics parser has no annotations; this is its documented signature.
+openmetrics_families: Callable[[str], Iterator[Metric]] = (
+    openmetrics_parser.text_string_to_metric_families
+)
+
+
+def assert_exposition(accept: str, content_type: str, text: str) -> None:
+    """``text`` is OpenMetrics 1.0.0 if ``accept`` names it, else the text format 0.0.4."""
+    if "openmetrics" in accept:
+        assert content_type.startswith("application/openmetrics-text; version=1.0.0;")
+        assert list(openmetrics_families(text))
+    else:
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+        assert parse(text)
 
 
 def assert_no_secrets(text: str, *secrets: str) -> None:
@@ -197,18 +225,26 @@ async def test_the_metrics_route_answers_only_get_and_can_be_turned_off(tmp_path
             async with trio.open_nursery() as nursery:
                 urls: list[str] = await nursery.start(serve, app, settings)
                 context = ssl.create_default_context(cafile=str(config.client_ca))
-                admin = {"Authorization": "0u" + state.token_path("admin").read_text().strip()}
+                token = state.token_path("admin").read_text().strip()
+                admin = {b"authorization": b"0u" + token.encode()}
                 async with httpx.AsyncClient(verify=context, timeout=WAIT) as client:
                     posted = await client.post(urls[0] + "/metrics", headers=admin)
-                    got = await client.get(urls[0] + "/metrics", headers=admin)
+                    got = {
+                        accept: await client.get(
+                            urls[0] + "/metrics",
+                            headers={**admin, b"accept": accept.encode("latin-1")},
+                        )
+                        for accept in ACCEPT_HEADERS
+                    }
                 nursery.cancel_scope.cancel()
             if enabled:
                 assert (posted.status_code, posted.content) == (405, b"")
-                assert got.status_code == 200
-                assert "knox_server_requests_total" in got.text
+                for accept, reply in got.items():
+                    assert reply.status_code == 200
+                    assert_exposition(accept, reply.headers["content-type"], reply.text)
             else:
                 # An unknown route, after authentication, as any other.
-                for reply in (posted, got):
+                for reply in (posted, *got.values()):
                     assert reply.status_code == 404
                     assert reply.json()["code"] == 8
     finally:
@@ -337,6 +373,12 @@ async def test_knoxd_metrics_endpoint_over_tcp_answers_only_get_metrics() -> Non
         assert value(samples, "probe_total") == 3
         with trio.fail_after(WAIT):
             async with httpx.AsyncClient() as client:
+                for accept in ACCEPT_HEADERS:
+                    reply = await client.get(
+                        url + "/metrics", headers={b"accept": accept.encode("latin-1")}
+                    )
+                    assert reply.status_code == 200
+                    assert_exposition(accept, reply.headers["content-type"], reply.text)
                 assert (await client.get(url + "/")).status_code == 404
                 posted = await client.post(url + "/metrics")
                 assert (posted.status_code, posted.headers["allow"]) == (405, "GET")
