@@ -273,15 +273,15 @@ async def serve_metrics(
     """Serve ``registry`` on ``config.daemon.metrics_listen`` until cancelled.
 
     ``task_status.started`` receives the bound addresses (``"127.0.0.1:9102"``,
-    ``"unix:/run/knoxd/metrics.sock"``; empty, and this returns at once, when ``metrics_listen``
-    is not set). Raises :class:`ListenerError` before that if the address cannot be bound.
+    ``"unix:/run/knoxd-metrics/metrics.sock"``; empty, and this returns at once, when
+    ``metrics_listen`` is not set). Raises :class:`ListenerError` before that if the address
+    cannot be bound.
     """
     where = config.daemon.metrics_listen
     if where is None:
         task_status.started([])
         return
     listeners = _listeners(where)
-    addresses = [_address(listener) for listener in listeners]
     active = 0
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -303,6 +303,7 @@ async def serve_metrics(
                 active -= 1
 
     try:
+        addresses = [_address(listener) for listener in listeners]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handle, listeners)
             log.info("serving metrics", addresses=addresses)
