@@ -81,6 +81,7 @@ async def run_server(
                 default_acl=config.default_acl,
                 knox_compat_list=config.knox_compat,
                 max_body_bytes=config.max_body_bytes,
+                metrics=config.metrics,
             ),
             hub=hub,
         )

@@ -26,7 +26,9 @@ class Refusal(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class IdentityStatus:
-    """One identity's upstream health, for the admin ``status`` op."""
+    """One identity's upstream health, for the admin ``status`` op and the metrics. The request
+    counts are since start: ``requests_answered`` (change checks and key fetches the upstream
+    answered) and ``requests_failed`` (those that got no usable answer)."""
 
     name: str
     principal: str
@@ -34,6 +36,8 @@ class IdentityStatus:
     last_refresh_at: float | None
     last_error: str | None
     upstream_ok: bool
+    requests_answered: int = 0
+    requests_failed: int = 0
 
 
 class FetchRequester(Protocol):

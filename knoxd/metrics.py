@@ -23,6 +23,8 @@ metric                                                type     meaning
                                                                with nothing cached)
 ``knoxd_registered_keys{identity}``                   gauge    keys kept fresh
 ``knoxd_upstream_ok{identity}``                       gauge    1 while the upstream answers, else 0
+``knoxd_upstream_requests_total{identity,result}``    counter  change checks and key fetches sent
+                                                               (``ok``: answered; ``error``: not)
 ``knoxd_upstream_last_refresh_timestamp_seconds``     gauge    unix time of the last step the
 ``{identity}``                                                 upstream answered (absent before)
 ``knoxd_connections``                                 gauge    socket connections open
@@ -164,6 +166,15 @@ class DaemonMetrics:
             "1 while the upstream answers, else 0.",
             {s.name: 1 if s.upstream_ok else 0 for s in statuses},
         )
+        requests = CounterMetricFamily(
+            "knoxd_upstream_requests",
+            "Upstream requests (change checks and key fetches) by identity and result.",
+            labels=["identity", "result"],
+        )
+        for s in sorted(statuses, key=lambda s: s.name):
+            requests.add_metric([s.name, "ok"], s.requests_answered)
+            requests.add_metric([s.name, "error"], s.requests_failed)
+        yield requests
         yield _by_identity(
             "knoxd_upstream_last_refresh_timestamp_seconds",
             "Unix time of the last refresh step the upstream answered.",

@@ -352,6 +352,9 @@ async def test_knoxd_serves_its_metrics_on_a_unix_socket(short_dir: Path, scrape
     assert 0 <= value(samples, "knoxd_cache_max_age_seconds", identity="host") < WAIT
     assert value(samples, "knoxd_registered_keys", identity="host") == 1
     assert value(samples, "knoxd_upstream_ok", identity="host") == 1
+    # At least the fetch of the key (a new registration is fetched at once), all answered.
+    assert value(samples, "knoxd_upstream_requests_total", identity="host", result="ok") >= 1
+    assert value(samples, "knoxd_upstream_requests_total", identity="host", result="error") == 0
     assert value(samples, "knoxd_upstream_last_refresh_timestamp_seconds", identity="host") > 0
     # The scraping client's connection is still open.
     assert value(samples, "knoxd_connections") == 1

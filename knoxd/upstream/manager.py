@@ -139,6 +139,8 @@ class UpstreamManager(FetchRequester):
                 last_refresh_at=r.last_refresh_at,
                 last_error=r.state.last_error,
                 upstream_ok=r.state.failures == 0,
+                requests_answered=r.checks + r.fetches,
+                requests_failed=r.failed_requests,
             )
             for r in self._refreshers.values()
         ]
