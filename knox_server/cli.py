@@ -14,11 +14,11 @@ import structlog
 import trio
 
 from knox.errors import KnoxError
+from knox.logs import configure_logging
 from knox_server import main as server_main
 from knox_server.config import ConfigError, ServerConfig, load_config
 from knox_server.crypto import KeyFileError
 from knox_server.dev import prepare_dev_state, write_dev_outputs
-from knox_server.logs import configure_logging
 from knox_server.tokens import TokenFileError
 
 log = structlog.get_logger("knox_server")

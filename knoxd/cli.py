@@ -30,7 +30,6 @@ the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import socket
 import sys
@@ -42,6 +41,7 @@ import structlog
 import trio
 
 from knox import __version__
+from knox.logs import configure_logging
 from knoxd.config import Config, ConfigError, load_config
 from knoxd.credentials import serve_credentials
 from knoxd.daemon import DaemonContext, StartupError, run_daemon
@@ -86,23 +86,6 @@ def _parser() -> argparse.ArgumentParser:
         help=f"longest a stop may take (default {DEFAULT_STOP_TIMEOUT:g})",
     )
     return parser
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """structlog (and stdlib logging) as one JSON object per line on stderr."""
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 class _CompletingWrites(FetchRequester):

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr (stdout belongs to audit records)."""
+"""Structured logs for the programs (knox-server, knoxd): one JSON object per line on stderr, so
+stdout stays free for what a program prints (knox-server's audit records, its dev JSON line)."""
 
 from __future__ import annotations
 
