@@ -143,6 +143,19 @@ def test_long_poll_windows_differ_from_host_to_host() -> None:
         waits.add(step.wait)
     assert len(waits) > 3
     assert min(waits) >= 54 and max(waits) <= 60
+    # Short windows spread too: 9 or 10 s for a 10 s interval, never more.
+    short = RefreshSettings(refresh_seconds=10, jitter=0.1)
+    tens = {
+        step.wait
+        for seed in range(40)
+        if isinstance(
+            step := RefreshState(
+                short, now=0, registered=["a"], hashes={"a": H}, rng=random.Random(seed)
+            ).next_step(0),
+            Check,
+        )
+    }
+    assert tens == {9, 10}
 
 
 def test_no_check_and_no_request_without_cached_keys() -> None:

@@ -226,11 +226,13 @@ class RefreshState:
 
     def _long_poll_wait(self) -> int | None:
         """The ``Prefer: wait`` of the next check: the refresh interval shortened by up to
-        ``jitter``, in whole seconds (at least 1). Each re-armed long-poll gets its own window,
-        so a fleet whose polls started together (after a server restart) ends them apart."""
-        if self.settings.long_poll_wait is None:
+        ``jitter``, rounded to whole seconds (at least 1, at most the interval's whole seconds).
+        Each re-armed long-poll gets its own window, so a fleet whose polls started together
+        (after a server restart) ends them apart."""
+        longest = self.settings.long_poll_wait
+        if longest is None:
             return None
-        return max(1, int(self._jittered(self.settings.refresh_seconds)))
+        return max(1, min(longest, round(self._jittered(self.settings.refresh_seconds))))
 
     def _batch(self) -> tuple[str, ...]:
         batch: list[str] = []
