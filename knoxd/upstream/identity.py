@@ -285,6 +285,10 @@ class Identity:
             auth=facts.principal,
             ssl_context=context,
             timeout=self._upstream.timeout_seconds,
+            # HTTP/1.1, one connection per request in flight: Go Knox speaks nothing else, and
+            # httpcore 1.0.9's HTTP/2 can hold one long-poll's answer until another on the same
+            # connection answers (and costs more CPU per request).
+            http2=False,
         )
 
     def __repr__(self) -> str:
