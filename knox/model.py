@@ -356,7 +356,6 @@ class Principal(Protocol):
 
     def grant(self, acl: ACL) -> AccessType:
         """The highest access any ACL entry gives this principal."""
-        ...
 
 
 def _highest(levels: Iterable[AccessType]) -> AccessType:

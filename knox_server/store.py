@@ -53,28 +53,22 @@ class KeyStore(Protocol):
 
     async def get(self, key_id: str) -> StoredKey | None:
         """The key, or None if there is no such key."""
-        ...
 
     async def meta(self, key_ids: Sequence[str] | None = None) -> dict[str, KeyMeta]:
         """Hash and ACL of the named keys that exist (all keys when ``key_ids`` is None)."""
-        ...
 
     async def add(self, key: StoredKey) -> StoredKey:
         """Insert a new key; returns it with its row version.
 
         Raises :class:`~knox.errors.KeyExistsError` if the id is taken."""
-        ...
 
     async def update(self, key: StoredKey) -> StoredKey:
         """Replace the key if its stored row version is still ``key.row_version``; returns the new
         row. Raises :class:`~knox.errors.ConcurrentChangeError` if it changed meanwhile, or
         :class:`~knox.errors.KeyNotFoundError` if it was deleted."""
-        ...
 
     async def delete(self, key_id: str) -> bool:
         """Remove the key; False if there was none."""
-        ...
 
     async def aclose(self) -> None:
         """Release connections and threads; idempotent."""
-        ...

@@ -47,20 +47,16 @@ class FetchRequester(Protocol):
     async def register(self, identity: str, key_ids: Sequence[str]) -> list[str]:
         """Persist the registrations and schedule an immediate fetch of the new ones; returns the
         ids now registered (all of ``key_ids``). Raises ``KeyError`` for an unknown identity."""
-        ...
 
     async def unregister(self, identity: str, key_ids: Sequence[str]) -> list[str]:
         """Drop registrations (and their cached values); returns the ids that were registered."""
-        ...
 
     def is_registered(self, identity: str, key_id: str) -> bool: ...
 
     def refusal(self, identity: str, key_id: str) -> Refusal | None:
         """The upstream's recent answer for a key that is not cached, if it refused it."""
-        ...
 
     def request_refresh(self, identity: str | None, key_ids: Sequence[str] | None) -> int:
         """Queue a fetch now (all identities / all their keys when None); returns keys queued."""
-        ...
 
     def status(self) -> list[IdentityStatus]: ...
