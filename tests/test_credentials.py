@@ -1,19 +1,13 @@
 """systemd ``LoadCredential=`` delivery (knoxd.credentials) to clients connecting as systemd does.
 
-The clients are real processes: each joins a real cgroup v2 directory named like a systemd unit
-(``knoxd-test-….slice/web.service``, so the kernel reports that unit for it, as it does for the
-process systemd forks to start a unit), binds systemd's abstract address
-``\\0<random hex>/unit/<unit>/<credential>``, connects, shuts down its sending side and reads to
-EOF, which is what ``LoadCredential=ID:/path/to/socket`` does. The end-to-end tests need root and a
-writable cgroup v2 hierarchy, and are skipped otherwise.
+The clients are real processes in real cgroups named like systemd units, asking as
+``LoadCredential=ID:/path/to/socket`` does (see ``systemd_clients.py``). The end-to-end tests need
+root and a writable cgroup v2 hierarchy, and are skipped otherwise.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,39 +41,12 @@ from knoxd.credentials import (
 from knoxd.fetch import Refusal
 from knoxd.socket_api.listener import bind_unix
 from knoxd.socket_api.peer import PeerFacts
+from tests.systemd_clients import Units, short_dir, systemd_connect, unit_cgroups
 from tests.test_client import Fetch, make_key
 
 SECRET = b"hunter2-db-password"
 GRANT = CredentialConfig("web.service", "db_password", "web:db_password", "web")
 OTHER_UID = 4242
-
-# The client: what systemd's executor does for LoadCredential=NAME:SOCKET, after joining the unit's
-# cgroup (argv: socket, cgroup.procs or "", unit, credential name, uid to drop to or -1).
-SYSTEMD_CLIENT = r"""
-import os, random, socket, sys
-path, procs, unit, name, uid = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-if procs:
-    with open(procs, "w") as f:
-        f.write("0")
-if uid >= 0:
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-s.settimeout(30)
-s.bind(("\0%x/unit/%s/%s" % (random.getrandbits(64), unit, name)).encode())
-try:
-    s.connect(path)
-except PermissionError:
-    sys.exit(13)
-s.shutdown(socket.SHUT_WR)
-data = b""
-while chunk := s.recv(65536):
-    data += chunk
-s.close()
-sys.stdout.buffer.write(data)
-"""
-
 
 # --- the pure part ------------------------------------------------------------------------------
 
@@ -206,53 +173,16 @@ def test_a_unit_cannot_have_one_credential_twice_and_sockets_differ() -> None:
 # --- end to end, with real processes in real cgroups ------------------------------------------
 
 
-def _cgroup2_root() -> Path | None:
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "cgroup2":
-                return Path(fields[1])
-    return None
-
-
-@dataclass
-class Units:
-    """Cgroups named like systemd units; ``procs(unit)`` is the file a process writes to join."""
-
-    slice: Path
-
-    def procs(self, unit: str) -> Path:
-        path = self.slice / unit
-        path.mkdir(exist_ok=True)
-        return path / "cgroup.procs"
-
-
 @pytest.fixture
 def units() -> Iterator[Units]:
-    root = _cgroup2_root()
-    if os.geteuid() != 0 or root is None:
-        pytest.skip("needs root and a cgroup v2 hierarchy to place clients in unit cgroups")
-    slice_dir = root / f"knoxd-test-{secrets.token_hex(4)}.slice"
-    try:
-        slice_dir.mkdir()
-    except OSError as exc:
-        pytest.skip(f"cannot create a cgroup: {exc.strerror}")
-    try:
-        yield Units(slice_dir)
-    finally:
-        # The clients have exited (every test awaits them), so the cgroups are empty.
-        for child in slice_dir.iterdir():
-            if child.is_dir():
-                child.rmdir()
-        slice_dir.rmdir()
+    with unit_cgroups() as cgroups:
+        yield cgroups
 
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    # A short path (sun_path is 108 bytes) that other uids can traverse.
-    with tempfile.TemporaryDirectory(prefix="knoxd-cred-", dir="/tmp") as d:
-        os.chmod(d, 0o755)
-        yield Path(d)
+    with short_dir("knoxd-cred-") as d:
+        yield d
 
 
 def _identity(name: str) -> IdentityConfig:
@@ -310,32 +240,6 @@ async def start(nursery: trio.Nursery, d: Path, **kw: Any) -> Served:
     await nursery.start(serve_credentials, config, view, fetch)
     assert config.daemon.credentials_socket is not None
     return Served(config, view, fetch, config.daemon.credentials_socket)
-
-
-async def systemd_connect(
-    path: Path, units: Units, unit: str, name: str, *, in_unit: str | None = "", uid: int = -1
-) -> tuple[int, bytes]:
-    """Run a client that asks for ``name`` as ``unit``, placed in the cgroup ``in_unit``
-    ("": the unit it claims; None: stays in the test's cgroup). Returns (exit code, data)."""
-    procs = "" if in_unit is None else str(units.procs(in_unit or unit))
-    with trio.fail_after(20):
-        done = await trio.run_process(
-            [
-                sys.executable,
-                "-I",
-                "-S",
-                "-c",
-                SYSTEMD_CLIENT,
-                str(path),
-                procs,
-                unit,
-                name,
-                str(uid),
-            ],
-            capture_stdout=True,
-            check=False,
-        )
-    return done.returncode, done.stdout
 
 
 async def test_an_allowed_unit_gets_the_primary_data(sock_dir: Path, units: Units) -> None:

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,7 @@ from knoxd.config import Config, load_config, parse_config
 from knoxd.daemon import DaemonContext, StartupError, run_daemon
 from knoxd.fetch import Refusal
 from tests.pki import CA
+from tests.polling import until
 from tests.server_fixtures import DevServer, dev_server, dev_server_process
 
 WAIT = 20
@@ -96,14 +97,6 @@ async def admin_client(dev: DevServer) -> AsyncIterator[KnoxHTTPClient]:
 
 def host_reads(dev: DevServer) -> Access:
     return Access(PrincipalType.MACHINE, dev.hostname, AccessType.READ)
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(WAIT):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.02)
 
 
 def primary(context: DaemonContext, key_id: str, identity: str = "host") -> bytes | None:

@@ -7,7 +7,6 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from knoxd.config import (
     parse_config,
 )
 from knoxd.export import ExportError, export_document, run_export
+from tests.polling import until
 from tests.test_client import make_key
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to other users")
@@ -69,14 +69,6 @@ def key_file(export_dir: Path, key_id: str = KEY) -> Path:
     return export_dir / "v0" / "keys" / key_id
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.001)
-
-
 def primary_id(path: Path) -> int | None:
     try:
         return decode_key(path.read_bytes()).primary.id
@@ -85,7 +77,8 @@ def primary_id(path: Path) -> int | None:
 
 
 async def until_primary(path: Path, version_id: int) -> None:
-    await until(lambda: primary_id(path) == version_id)
+    # Fast: a test waits for 1000 rotations one after another.
+    await until(lambda: primary_id(path) == version_id, interval=0.001)
 
 
 # --- the document -------------------------------------------------------------------------------

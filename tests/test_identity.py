@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from knoxd.upstream.identity import (
 )
 from knoxd.upstream.identity_files import IdentityFileError
 from tests.pki import CA, CertPair
+from tests.polling import until
 
 WAIT = 15
 HOST = "web-1.example.com"
@@ -202,14 +203,6 @@ async def watched_identity(tmp_path: Path, ca: CA, pair: CertPair) -> AsyncItera
 async def presented(identity: Identity) -> list[str]:
     async with identity.lease() as client:
         return await client.get_keys()
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(WAIT):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.02)
 
 
 async def test_rotated_files_switch_the_client_to_the_new_certificate(tmp_path: Path) -> None:

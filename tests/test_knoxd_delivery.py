@@ -4,7 +4,7 @@ Knox-compatible export (:mod:`knoxd.export`) to readers of ``/var/lib/knox``.
 
 The upstream is the dev server in-process; the key is created and granted over HTTP. The
 credential clients connect exactly as systemd does, from a real cgroup named like the unit (see
-``test_credentials.py``). Once knoxd binds its own sockets; once its sockets (``credentials``
+``systemd_clients.py``). Once knoxd binds its own sockets; once its sockets (``credentials``
 among them) are handed over by name by an activating parent, and it holds only the capabilities of
 ``knoxd.service.d/export.conf.example``. (It stays uid 0 there: this interpreter lives in root's
 home, which ``User=knoxd`` could not read. The export file goes to another owner, so knoxd's
@@ -14,13 +14,9 @@ uid owns it no more and every step that gives it away needs those capabilities, 
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import shutil
 import signal
-import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,15 +28,17 @@ import trio
 from knox.http_client import KnoxHTTPClient, ssl_context_for
 from knox.model import Access, AccessType, PrincipalType
 from knox.wire import decode_key
-from tests.server_fixtures import DevServer, dev_server
-from tests.test_credentials import SYSTEMD_CLIENT, Units, _cgroup2_root
-from tests.test_sd import (
+from tests.knoxd_process import (
     NotifySocket,
+    activated,
     dev_knoxd_config,
     knoxd_argv,
     knoxd_environ,
     knoxd_process,
 )
+from tests.polling import until
+from tests.server_fixtures import DevServer, dev_server
+from tests.systemd_clients import Units, short_dir, systemd_connect, unit_cgroups
 from tests.test_systemd_units import EXPORT_DROP_IN, UNITS, one, unit
 
 WAIT = 20
@@ -50,28 +48,6 @@ UNIT = "web.service"
 NOBODY = 65534
 # linux/capability.h, for the capabilities the export drop-in may name.
 CAPABILITY_BITS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3}
-
-# A systemd-like parent: binds the given Unix sockets (mode 0600, as the socket units but the
-# workload one), moves them to fds 3, 4, ..., names them, and execs the command in the same
-# process, so LISTEN_PID stays right (argv: names, paths..., "--", command...).
-ACTIVATOR = r"""
-import fcntl, os, socket, sys
-split = sys.argv.index("--")
-names, paths, command = sys.argv[1], sys.argv[2:split], sys.argv[split + 1:]
-high = []
-for path in paths:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o666 if path.endswith("/w.sock") else 0o600)
-    sock.listen(64)
-    high.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 64))
-    sock.close()
-for index, fd in enumerate(high):
-    os.dup2(fd, 3 + index, inheritable=True)
-    os.close(fd)
-os.environ.update(LISTEN_FDS=str(len(paths)), LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=names)
-os.execvp(command[0], command)
-"""
 
 
 @dataclass
@@ -85,24 +61,8 @@ class Host:
 
 @pytest.fixture
 def host() -> Iterator[Host]:
-    root = _cgroup2_root()
-    if os.geteuid() != 0 or root is None:
-        pytest.skip("needs root and a cgroup v2 hierarchy to place clients in unit cgroups")
-    slice_dir = root / f"knoxd-test-{secrets.token_hex(4)}.slice"
-    try:
-        slice_dir.mkdir()
-    except OSError as exc:
-        pytest.skip(f"cannot create a cgroup: {exc.strerror}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="knoxd-dlv-", dir="/tmp") as d:
-            os.chmod(d, 0o755)
-            yield Host(Path(d), Units(slice_dir))
-    finally:
-        # The clients have exited (every test awaits them), so the cgroups are empty.
-        for child in slice_dir.iterdir():
-            if child.is_dir():
-                child.rmdir()
-        slice_dir.rmdir()
+    with unit_cgroups() as units, short_dir("knoxd-dlv-") as top:
+        yield Host(top, units)
 
 
 @asynccontextmanager
@@ -140,33 +100,16 @@ def delivery_config(dev: DevServer, daemon: dict[str, Path]) -> Path:
 async def ask_as_systemd(path: Path, units: Units, unit_name: str, *, in_unit: str) -> bytes:
     """What a ``LoadCredential=db_password:PATH`` of ``unit_name`` reads, asked from the cgroup of
     ``in_unit``."""
-    with trio.fail_after(WAIT):
-        done = await trio.run_process(
-            [
-                sys.executable,
-                "-I",
-                "-S",
-                "-c",
-                SYSTEMD_CLIENT,
-                str(path),
-                str(units.procs(in_unit)),
-                unit_name,
-                "db_password",
-                "-1",
-            ],
-            capture_stdout=True,
-        )
-    return done.stdout
+    code, data = await systemd_connect(path, units, unit_name, "db_password", in_unit=in_unit)
+    assert code == 0
+    return data
 
 
 async def exported(export_dir: Path) -> Path:
     """The key's export file, once it is there."""
     path = export_dir / "v0" / "keys" / KEY
-    with trio.fail_after(WAIT):
-        while True:
-            if path.exists():
-                return path
-            await trio.sleep(0.02)
+    await until(path.exists)
+    return path
 
 
 def assert_knox_file(path: Path) -> None:
@@ -244,16 +187,7 @@ async def test_activated_knoxd_with_the_export_drop_in_serves_the_passed_credent
         paths = [passed / "c.sock", passed / "w.sock", passed / "a.sock"]
         # NoNewPrivileges= and exactly the drop-in's capabilities, as systemd runs the unit.
         setpriv = ["setpriv", f"--bounding-set=-all,{names}", "--no-new-privs"]
-        argv = [
-            sys.executable,
-            "-c",
-            ACTIVATOR,
-            "credentials:workload:admin",
-            *map(str, paths),
-            "--",
-            *setpriv,
-            *knoxd_argv(config),
-        ]
+        argv = activated("credentials:workload:admin", paths, [*setpriv, *knoxd_argv(config)])
         log = host.top / "knoxd.log"
         async with NotifySocket(host.top / "notify") as systemd:
             env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path))

@@ -20,8 +20,8 @@ from knox.model import Access, AccessType, PrincipalType
 from knoxd.cache.cache_key import load_cache_key
 from knoxd.cache.store import DB_NAME, CacheStore
 from knoxd.config import load_config
+from tests.knoxd_process import NotifySocket, knoxd_argv, knoxd_environ, knoxd_process
 from tests.server_fixtures import dev_server
-from tests.test_sd import NotifySocket, knoxd_argv, knoxd_environ, knoxd_process
 
 WAIT = 30
 STOP_TIMEOUT = 10

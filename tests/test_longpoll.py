@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,7 @@ from knoxd.config import (
 from knoxd.daemon import DaemonContext, run_daemon
 from knoxd.socket_api.server import SocketContext, serve_sockets
 from tests.pki import CA
+from tests.polling import until
 
 WAIT = 20
 # Longer than any test's bound: a check held this long was never woken.
@@ -223,14 +224,6 @@ def files(tmp_path: Path) -> Files:
 async def replica(files: Files) -> AsyncIterator[Replica]:
     async with served(files, "a") as r:
         yield r
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Return once ``predicate()`` holds (the caller bounds the wait)."""
-    while True:
-        if predicate():
-            return
-        await trio.sleep(0.01)
 
 
 async def readable_key(r: Replica, key_id: str = KEY) -> tuple[str, int]:

@@ -47,8 +47,8 @@ from knoxd.config import load_config
 from knoxd.config import parse_config as parse_knoxd_config
 from knoxd.metrics import serve_metrics
 from knoxd.socket_api.listener import ListenerError
+from tests.knoxd_process import NotifySocket, knoxd_argv, knoxd_environ, knoxd_process
 from tests.server_fixtures import DevServer, dev_server
-from tests.test_sd import NotifySocket, knoxd_argv, knoxd_environ, knoxd_process
 
 WAIT = 20
 KEY = "app:metrics_secret_id"

@@ -18,6 +18,7 @@ from knox.model import VersionStatus
 from knox_server.pg_listen import listen_for_changes
 from knox_server.pg_store import PostgresKeyStore
 from knox_server.store import StoredKey, StoredVersion
+from tests.polling import until
 
 pytestmark = pytest.mark.postgres
 
@@ -42,12 +43,6 @@ def backend_pids(url: str, where: str, value: str) -> list[int]:
             (value,),
         ).fetchall()
     return [pid for (pid,) in rows]
-
-
-async def until(check: Callable[[], bool]) -> None:
-    """Wait until ``check()`` holds; the caller bounds the wait."""
-    while not check():  # noqa: ASYNC110 (polls the server's state: there is no event to wait on)
-        await trio.sleep(0.02)
 
 
 @pytest.fixture

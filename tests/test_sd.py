@@ -2,79 +2,35 @@
 notify socket, and a real parent process binds the sockets and execs knoxd with ``LISTEN_FDS``,
 ``LISTEN_PID`` and ``LISTEN_FDNAMES``, as systemd does for socket activation.
 
-The helpers here (:class:`NotifySocket`, :func:`knoxd_process`, :func:`dev_knoxd_config`) are
-shared with ``test_knoxd_shutdown.py``.
+The helpers that run knoxd so are in ``knoxd_process.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 from knox.client import AsyncClient, BadRequestError, Client
-from knox_server.dev import prepare_dev_state, write_dev_outputs
 from knoxd.sd import MAX_STATUS_CHARS, Notifier, status_field, watchdog, watchdog_interval
-
-WAIT = 20
-REPO = Path(__file__).resolve().parent.parent
-
-# knoxd.service sets MemoryDenyWriteExecute=yes, so knoxd runs here under the kernel's own form of
-# it, PR_SET_MDWE (kept across exec; on kernels before 6.3 the call fails and nothing changes).
-_NO_WRITABLE_CODE = "import ctypes; ctypes.CDLL(None).prctl(65, 1, 0, 0, 0)\n"
-
-# A systemd-like parent: binds the given Unix sockets, moves them to fds 3, 4, ... in order,
-# names them, and execs knoxd in the same process (so LISTEN_PID stays right).
-_ACTIVATOR = (
-    _NO_WRITABLE_CODE
-    + r"""
-import fcntl, os, socket, sys
-config, names, paths = sys.argv[1], sys.argv[2].split(":"), sys.argv[3:]
-high = []
-for path in paths:
-    if path == "-":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, 0o666)
-        sock.listen(64)
-    # Out of the way first, so that moving one to fd 3 + i never closes another.
-    high.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 64))
-    sock.close()
-for index, fd in enumerate(high):
-    os.dup2(fd, 3 + index, inheritable=True)
-    os.close(fd)
-os.environ["LISTEN_FDS"] = str(len(paths))
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDNAMES"] = ":".join(names)
-if os.environ.pop("ACTIVATOR_NO_CAPS", ""):
-    # As CapabilityBoundingSet= (empty) and NoNewPrivileges=yes in the unit: after the exec,
-    # even root holds no capability.
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
-os.execv(sys.executable, [sys.executable, "-m", "knoxd", "--config", config])
-"""
+from tests.knoxd_process import (
+    REPO,
+    WAIT,
+    NotifySocket,
+    activated,
+    dev_knoxd_config,
+    knoxd_argv,
+    knoxd_environ,
+    knoxd_process,
 )
-
 
 # A client under another uid: it imports first (the interpreter's files may be root's only),
 # drops to the uid, then connects; prints the uid and identity knoxd saw.
@@ -90,124 +46,6 @@ with Client(path, cache=False, timeout=5) as client:
     hello = client.hello()
 print(json.dumps([hello.uid, hello.identity]))
 """
-
-
-class NotifySocket:
-    """A bound ``AF_UNIX`` datagram socket: what systemd listens on for ``sd_notify``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.messages: list[list[str]] = []
-
-    async def __aenter__(self) -> NotifySocket:
-        await self.sock.bind(str(self.path))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    async def receive(self) -> list[str]:
-        """The next message's fields (recorded in :attr:`messages`)."""
-        with trio.fail_after(WAIT):
-            data = await self.sock.recv(4096)
-        fields = data.decode().split("\n")
-        self.messages.append(fields)
-        return fields
-
-    async def until(self, field: str) -> list[str]:
-        """Receive until a message has ``field``; that message."""
-        while True:
-            fields = await self.receive()
-            if field in fields:
-                return fields
-
-    async def ready(self, process: trio.Process, log: Path) -> list[str]:
-        """The READY=1 message; fails with knoxd's log if the process exits first."""
-        with trio.fail_after(WAIT):
-            while True:
-                with trio.move_on_after(0.1):
-                    fields = await self.receive()
-                    if "READY=1" in fields:
-                        return fields
-                    continue
-                if process.poll() is not None:
-                    raise AssertionError(f"knoxd exited ({process.returncode}): {log.read_text()}")
-
-    def drain(self) -> None:
-        """Record whatever is queued, without waiting."""
-        while True:
-            try:
-                data = _recv_nowait(self.sock)
-            except BlockingIOError:
-                return
-            self.messages.append(data.decode().split("\n"))
-
-
-def _recv_nowait(sock: trio.socket.SocketType) -> bytes:
-    raw: socket.socket = sock._sock  # type: ignore[attr-defined]
-    return raw.recv(4096, socket.MSG_DONTWAIT)
-
-
-def dev_knoxd_config(
-    directory: Path, *, url: str = "https://127.0.0.1:9", sockets: Path | None = None
-) -> Path:
-    """A dev PKI and ``knoxd.toml`` in ``directory`` (upstream ``url``, unreachable by default);
-    with ``sockets``, the configured socket paths are moved into that directory."""
-    state = prepare_dev_state(directory)
-    config = Path(write_dev_outputs(state, url)["knoxd_config"])
-    if sockets is not None:
-        text = config.read_text()
-        for name, path in (("workload_socket", "w.sock"), ("admin_socket", "a/a.sock")):
-            text = re.sub(rf'(?m)^{name} = ".*"$', f'{name} = "{sockets / path}"', text)
-        config.write_text(text)
-    return config
-
-
-def knoxd_environ(**extra: str) -> dict[str, str]:
-    """This process's environment without any systemd variables, plus ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LISTEN_", "WATCHDOG_"))
-        and k not in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")
-    }
-    env.update(extra)
-    return env
-
-
-@asynccontextmanager
-async def knoxd_process(
-    argv: Sequence[str], log: Path, env: Mapping[str, str]
-) -> AsyncIterator[trio.Process]:
-    """Run ``argv`` (logs to ``log``); SIGKILL it at the end if it still runs."""
-    with log.open("ab") as out:
-        process = await trio.lowlevel.open_process(
-            list(argv), stdout=out, stderr=out, cwd=REPO, env=dict(env)
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.move_on_after(WAIT):
-            await process.wait()
-
-
-def knoxd_argv(config: Path, *extra: str) -> list[str]:
-    """``python -m knoxd --config config ...``, under the same memory restriction as the unit."""
-    shim = _NO_WRITABLE_CODE + "import os, sys\nos.execv(sys.executable, sys.argv[1:])"
-    return [
-        sys.executable,
-        "-c",
-        shim,
-        sys.executable,
-        "-m",
-        "knoxd",
-        "--config",
-        str(config),
-        *extra,
-    ]
 
 
 # --- the notifier and the watchdog, in process -----------------------------------------------
@@ -276,7 +114,7 @@ async def test_watchdog_pings_stop_while_the_loop_is_blocked_and_resume_after(
         # A run loop stuck in a synchronous call, for many ping intervals.
         time.sleep(interval * 15)  # noqa: ASYNC251
         with pytest.raises(BlockingIOError):
-            _recv_nowait(systemd.sock)
+            systemd.receive_nowait()
         assert await systemd.receive() == ["WATCHDOG=1"]
         nursery.cancel_scope.cancel()
 
@@ -298,7 +136,7 @@ async def test_watchdog_sends_nothing_while_unhealthy(tmp_path: Path) -> None:
         with trio.fail_after(WAIT):
             await judged_often.wait()
         with pytest.raises(BlockingIOError):
-            _recv_nowait(systemd.sock)
+            systemd.receive_nowait()
         healthy = True
         assert await systemd.receive() == ["WATCHDOG=1"]
         nursery.cancel_scope.cancel()
@@ -326,8 +164,8 @@ async def test_socket_activated_knoxd_serves_the_passed_sockets_by_name_and_noti
     async with NotifySocket(tmp_path / "notify") as systemd:
         env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path), WATCHDOG_USEC="100000")
         # The admin socket first: knoxd must go by the names, not the order.
-        argv = [sys.executable, "-c", _ACTIVATOR, str(config), "admin:workload", str(admin)]
-        async with knoxd_process([*argv, str(workload)], log, env) as knoxd:
+        argv = activated("admin:workload", [admin, workload], knoxd_argv(config))
+        async with knoxd_process(argv, log, env) as knoxd:
             ready = await systemd.ready(knoxd, log)
             assert ready[0] == "READY=1"
             assert ready[1].startswith("STATUS=serving 0 cached keys for 2 identities; upstream ")
@@ -364,7 +202,7 @@ async def test_a_passed_socket_of_the_wrong_kind_fails_the_start_with_a_status(
     log = tmp_path / "knoxd.log"
     async with NotifySocket(tmp_path / "notify") as systemd:
         env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path))
-        argv = [sys.executable, "-c", _ACTIVATOR, str(config), "workload", "-"]
+        argv = activated("workload", ["-"], knoxd_argv(config))
         async with knoxd_process(argv, log, env) as knoxd:
             status = await systemd.receive()
             with trio.fail_after(WAIT):
@@ -397,8 +235,8 @@ async def test_knoxd_without_capabilities_still_checks_peers_of_other_users() ->
         workload, admin, log = top / "work.sock", top / "admin.sock", top / "log"
         async with NotifySocket(top / "notify") as systemd:
             env = knoxd_environ(NOTIFY_SOCKET=str(systemd.path), ACTIVATOR_NO_CAPS="1")
-            argv = [sys.executable, "-c", _ACTIVATOR, str(config), "workload:admin"]
-            async with knoxd_process([*argv, str(workload), str(admin)], log, env) as knoxd:
+            argv = activated("workload:admin", [workload, admin], knoxd_argv(config))
+            async with knoxd_process(argv, log, env) as knoxd:
                 await systemd.ready(knoxd, log)
                 status = Path(f"/proc/{knoxd.pid}/status").read_text()
                 for field in ("CapEff", "CapPrm", "CapBnd"):
