@@ -234,6 +234,19 @@ async def readable_key(r: Replica, key_id: str = KEY) -> tuple[str, int]:
     return (await r.host.get_key(key_id)).hash, second
 
 
+@asynccontextmanager
+async def held_check(
+    replica: Replica, hashes: dict[str, str], wait: int, *, client: KnoxHTTPClient | None = None
+) -> AsyncIterator[Held]:
+    """A long-poll change check of ``hashes`` (by ``client``, the replica's host by default) in
+    the background, entered once ``replica`` holds it; leaving waits for its answer."""
+    held = Held()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(held.run, client or replica.host, hashes, wait)
+        await until(lambda: replica.hub.waiting == 1)
+        yield held
+
+
 class Held:
     """A long-poll change check running in the background; ``result`` once it answered."""
 
@@ -271,10 +284,7 @@ async def test_a_long_poll_answers_at_once_when_a_key_already_differs(replica: R
 async def test_a_promote_wakes_a_held_long_poll(replica: Replica) -> None:
     with trio.fail_after(WAIT):
         current, second = await readable_key(replica)
-        held = Held()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(held.run, replica.host, {KEY: current}, MAX_WAIT_SECONDS)
-            await until(lambda: replica.hub.waiting == 1)
+        async with held_check(replica, {KEY: current}, MAX_WAIT_SECONDS) as held:
             await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
         assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
         assert (await replica.host.get_key(KEY)).primary.data == b"v2"
@@ -287,12 +297,7 @@ async def test_a_change_that_makes_no_difference_to_the_caller_keeps_it_waiting(
     with trio.fail_after(WAIT):
         current, second = await readable_key(replica)
         other_current, _ = await readable_key(replica, "app:other")
-        held = Held()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                held.run, replica.host, {KEY: current, "app:other": other_current}, FOREVER
-            )
-            await until(lambda: replica.hub.waiting == 1)
+        async with held_check(replica, {KEY: current, "app:other": other_current}, FOREVER) as held:
             # Wakes the check (the key's ACL changed), which re-checks and holds on.
             await replica.admin.put_access(KEY, Access(PrincipalType.USER, "bob", AccessType.READ))
             await trio.sleep(0.2)
@@ -304,10 +309,7 @@ async def test_a_change_that_makes_no_difference_to_the_caller_keeps_it_waiting(
 async def test_a_revocation_answers_the_key_and_the_get_then_fails(replica: Replica) -> None:
     with trio.fail_after(WAIT):
         current, _ = await readable_key(replica)
-        held = Held()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(held.run, replica.host, {KEY: current}, FOREVER)
-            await until(lambda: replica.hub.waiting == 1)
+        async with held_check(replica, {KEY: current}, FOREVER) as held:
             await replica.admin.put_access(
                 KEY, Access(PrincipalType.MACHINE, HOST, AccessType.NONE)
             )
@@ -390,10 +392,7 @@ async def test_a_long_poll_of_8000_keys_is_one_held_request(tmp_path: Path) -> N
                 hashes = {f"svc_{i:05d}:filler": "" for i in range(8000)}
                 hashes[KEY] = current
                 assert len(change_check_requests(hashes)) > 1
-                held = Held()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(held.run, host, hashes, FOREVER)
-                    await until(lambda: replica.hub.waiting == 1)
+                async with held_check(replica, hashes, FOREVER, client=host) as held:
                     await replica.admin.update_version(KEY, second, VersionStatus.PRIMARY)
                 assert held.result is not None and held.result.ids == (KEY,)
                 await until(lambda: replica.hub.waiting == 0)
@@ -409,10 +408,7 @@ async def test_a_change_the_feed_missed_is_answered_after_notify_all(files: File
     async with served(files, "a") as a, served(files, "b") as b:
         with trio.fail_after(WAIT):
             current, second = await readable_key(a)
-            held = Held()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(held.run, a.host, {KEY: current}, FOREVER)
-                await until(lambda: a.hub.waiting == 1)
+            async with held_check(a, {KEY: current}, FOREVER) as held:
                 await b.admin.update_version(KEY, second, VersionStatus.PRIMARY)
                 await trio.sleep(0.2)
                 assert not held.done.is_set()
@@ -426,10 +422,7 @@ async def test_a_change_nobody_announced_is_still_answered_at_the_end_of_the_wai
     async with served(files, "a", max_wait_seconds=1) as a, served(files, "b") as b:
         with trio.fail_after(WAIT):
             current, second = await readable_key(a)
-            held = Held()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(held.run, a.host, {KEY: current}, FOREVER)
-                await until(lambda: a.hub.waiting == 1)
+            async with held_check(a, {KEY: current}, FOREVER) as held:
                 await b.admin.update_version(KEY, second, VersionStatus.PRIMARY)
             assert held.result == ChangeCheck((KEY,), 1)
 
@@ -660,34 +653,14 @@ def terminate_listener(database_url: str, application_name: str) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("listener_down", [False, True], ids=["listening", "listener-down"])
 async def test_a_promote_on_one_replica_wakes_a_long_poll_held_on_another(
-    files: Files, tmp_path: Path, postgres_url: str
+    files: Files, tmp_path: Path, postgres_url: str, listener_down: bool
 ) -> None:
-    await migrate(postgres_url)
-    with trio.fail_after(WAIT):
-        async with (
-            server_process(files, tmp_path, postgres_url, "a") as a,
-            server_process(files, tmp_path, postgres_url, "b") as b,
-        ):
-            current, second = await readable_key(a)
-            held = Held()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(held.run, b.host, {KEY: current}, MAX_WAIT_SECONDS)
-                # Nothing differs, so B holds the check (it cannot have answered).
-                await trio.sleep(0.5)
-                assert not held.done.is_set()
-                await a.admin.update_version(KEY, second, VersionStatus.PRIMARY)
-            assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
-            assert (await b.host.get_key(KEY)).primary.data == b"v2"
-
-
-@pytest.mark.postgres
-async def test_a_change_while_the_listener_is_down_still_wakes_the_long_poll(
-    files: Files, tmp_path: Path, postgres_url: str
-) -> None:
-    """B's LISTEN connection is killed and A promotes at once, before B listens again (its
-    first reconnect waits 0.1 s): B never hears that notification, and its held check answers
-    all the same, because the reconnected listener makes every waiter re-check."""
+    """B holds a check, A promotes. With ``listener_down``, B's LISTEN connection is killed and
+    A promotes at once, before B listens again (its first reconnect waits 0.1 s): B never hears
+    that notification, and its held check answers all the same, because the reconnected
+    listener makes every waiter re-check."""
     await migrate(postgres_url)
     b_name = "knox_b_" + secrets.token_hex(4)
     b_url = f"{postgres_url}&application_name={b_name}"
@@ -700,8 +673,11 @@ async def test_a_change_while_the_listener_is_down_still_wakes_the_long_poll(
             held = Held()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(held.run, b.host, {KEY: current}, MAX_WAIT_SECONDS)
+                # Nothing differs, so B holds the check (it cannot have answered).
                 await trio.sleep(0.5)
                 assert not held.done.is_set()
-                await trio.to_thread.run_sync(terminate_listener, postgres_url, b_name)
+                if listener_down:
+                    await trio.to_thread.run_sync(terminate_listener, postgres_url, b_name)
                 await a.admin.update_version(KEY, second, VersionStatus.PRIMARY)
             assert held.result == ChangeCheck((KEY,), MAX_WAIT_SECONDS)
+            assert (await b.host.get_key(KEY)).primary.data == b"v2"
