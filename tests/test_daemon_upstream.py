@@ -39,6 +39,7 @@ from knoxd.cache.view import Change, RemovalReason, Removed
 from knoxd.config import Config, load_config, parse_config
 from knoxd.daemon import DaemonContext, StartupError, run_daemon
 from knoxd.fetch import Refusal
+from tests.asgi import serve_lifespan
 from tests.pki import CA
 from tests.polling import until
 from tests.server_fixtures import DevServer, dev_server, dev_server_process
@@ -479,13 +480,8 @@ class FakeKnox:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         headers = [(b"content-type", b"application/json")]
         prefer = dict(scope["headers"]).get(b"prefer", b"").decode()
         path, query = scope["path"], scope["query_string"].decode()

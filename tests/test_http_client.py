@@ -69,6 +69,7 @@ from knox.model import (
 )
 from knox_server.dev import DEV_SPIFFE_ID
 from knox_server.serve import ServeSettings, serve
+from tests.asgi import serve_lifespan
 from tests.pki import CA
 from tests.server_fixtures import DevServer, dev_server
 
@@ -344,13 +345,8 @@ class Script:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()

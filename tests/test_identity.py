@@ -32,6 +32,7 @@ from knoxd.upstream.identity import (
     tls_context,
 )
 from knoxd.upstream.identity_files import IdentityFileError
+from tests.asgi import serve_lifespan
 from tests.pki import CA, CertPair
 from tests.polling import until
 
@@ -144,13 +145,8 @@ def test_read_credentials_names_the_missing_file(tmp_path: Path) -> None:
 async def echo_serial(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     """``GET /v0/keys/`` → ``["serial_<hex>"]`` of the client certificate presented."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
     ids = ["no_certificate"]
     if chain:

@@ -16,19 +16,15 @@ import trio
 from cryptography import x509
 
 from knox_server.serve import ServeSettings, serve
+from tests.asgi import serve_lifespan
 from tests.pki import CA, CertPair, ssl_client_context
 
 
 async def _echo_peer_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     """Answers with the URI SANs of the client certificate the tls extension carries."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     tls_ext = scope.get("extensions", {}).get("tls")
     uris: list[str] = []
     if tls_ext and tls_ext["client_cert_chain"]:
