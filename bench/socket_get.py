@@ -585,6 +585,17 @@ def _print_table(results: dict[str, Any]) -> None:
     print(f"client_cached_get  {cached:>9,.0f} /s in-process ({cached / raw['rps']:,.0f}x A)")
     for text, met in goals(results):
         print(f"goal {'met   ' if met else 'MISSED'} {text}")
+    if "floor_1" in results:
+        print(
+            "knoxd / floor (the share of what trio does here that knoxd reaches): "
+            f"persistent_1 {_rate_ratio(results, 'persistent_1', 'floor_1'):.2f}x, "
+            f"clients_{CLIENTS} "
+            f"{_rate_ratio(results, f'clients_{CLIENTS}', f'floor_{CLIENTS}'):.2f}x"
+        )
+
+
+def _rate_ratio(results: dict[str, Any], case: str, floor: str) -> float:
+    return float(results[case]["rps"] / results[floor]["rps"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
