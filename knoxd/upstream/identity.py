@@ -56,10 +56,10 @@ from cryptography.x509.verification import (
 from knox.http_client import KnoxHTTPClient
 from knoxd.config import IdentityConfig, UpstreamConfig
 from knoxd.upstream.identity_files import (
-    MAX_PEM_BYTES,
     IdentityFacts,
     IdentityFileError,
     identity_facts,
+    read_identity_file,
 )
 
 __all__ = [
@@ -98,27 +98,12 @@ class Credentials:
         return h.digest()
 
 
-def _read(identity: IdentityConfig, what: str, path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PEM_BYTES + 1)
-    except OSError as e:
-        raise IdentityFileError(
-            f"identity {identity.name!r}: cannot read {what} file {path}: {e.strerror or e}"
-        ) from None
-    if len(data) > MAX_PEM_BYTES:
-        raise IdentityFileError(
-            f"identity {identity.name!r}: {what} file {path} is larger than {MAX_PEM_BYTES} bytes"
-        )
-    return data
-
-
 def read_credentials(identity: IdentityConfig, upstream: UpstreamConfig) -> Credentials:
     """Read the cert, key and CA files (blocking). Raises :class:`IdentityFileError`."""
-    ca = _read(identity, "CA", upstream.ca) if upstream.ca is not None else None
+    ca = read_identity_file(identity, "CA", upstream.ca) if upstream.ca is not None else None
     return Credentials(
-        cert_pem=_read(identity, "cert", identity.cert),
-        key_pem=_read(identity, "key", identity.key),
+        cert_pem=read_identity_file(identity, "cert", identity.cert),
+        key_pem=read_identity_file(identity, "key", identity.key),
         ca_pem=ca,
     )
 

@@ -33,6 +33,7 @@ __all__ = [
     "IdentityFileError",
     "check_identity_files",
     "identity_facts",
+    "read_identity_file",
 ]
 
 MAX_PEM_BYTES = 1 << 20
@@ -60,8 +61,8 @@ class IdentityFacts:
 
 def check_identity_files(identity: IdentityConfig) -> IdentityFacts:
     """Read ``identity.cert`` and ``identity.key`` and check them (see the module docstring)."""
-    cert_pem = _read(identity, "cert", identity.cert)
-    key_pem = _read(identity, "key", identity.key)
+    cert_pem = read_identity_file(identity, "cert", identity.cert)
+    key_pem = read_identity_file(identity, "key", identity.key)
     return identity_facts(identity, cert_pem, key_pem)
 
 
@@ -109,7 +110,9 @@ def identity_facts(identity: IdentityConfig, cert_pem: bytes, key_pem: bytes) ->
     )
 
 
-def _read(identity: IdentityConfig, what: str, path: Path) -> bytes:
+def read_identity_file(identity: IdentityConfig, what: str, path: Path) -> bytes:
+    """A PEM file of ``identity`` (at most :data:`MAX_PEM_BYTES`); :class:`IdentityFileError`
+    naming the identity and file otherwise."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_PEM_BYTES + 1)
