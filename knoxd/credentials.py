@@ -36,7 +36,7 @@ from knox.model import InvalidKeyError
 from knoxd.cache.view import CacheView, Change, Removed, ViewEntry
 from knoxd.config import Config, CredentialConfig
 from knoxd.fetch import FetchRequester, Refusal
-from knoxd.socket_api.listener import ListenerError, bind_unix
+from knoxd.socket_api.listener import ListenerError, accept, bind_unix
 from knoxd.socket_api.peer import PeerFacts, read_peer
 
 __all__ = [
@@ -185,16 +185,7 @@ async def serve_credentials(
 
 async def _accept_loop(state: _State, listener: socket.socket, nursery: trio.Nursery) -> None:
     while True:
-        try:
-            sock, address = listener.accept()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(listener)
-            continue
-        except OSError as exc:
-            # EMFILE and friends: back off briefly instead of spinning.
-            log.warning("accept failed", error=exc.strerror)
-            await trio.sleep(0.1)
-            continue
+        sock, address = await accept(listener)
         if state.active >= MAX_CONNECTIONS:
             log.warning("credential request refused: too many at once", limit=MAX_CONNECTIONS)
             sock.close()

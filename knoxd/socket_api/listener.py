@@ -13,8 +13,14 @@ import socket
 import stat
 from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ListenerError", "activated_sockets", "bind_unix"]
+import structlog
+import trio
+
+__all__ = ["ListenerError", "accept", "activated_sockets", "bind_unix"]
+
+log = structlog.get_logger("knoxd.listener")
 
 _LISTEN_FDS_START = 3
 _BACKLOG = 4096
@@ -105,3 +111,16 @@ def activated_sockets(environ: MutableMapping[str, str] | None = None) -> dict[s
         sock.setblocking(False)
         result[names[index] if index < len(names) else "unknown"] = sock
     return result
+
+
+async def accept(listener: socket.socket) -> tuple[socket.socket, Any]:
+    """The next connection on the non-blocking ``listener`` and its peer address. Waits for one;
+    after an error such as EMFILE it logs, backs off briefly and tries again instead of spinning."""
+    while True:
+        try:
+            return listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+        except OSError as exc:
+            log.warning("accept failed", error=exc.strerror)
+            await trio.sleep(0.1)

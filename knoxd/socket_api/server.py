@@ -26,7 +26,7 @@ from knoxd.cache.view import CacheView
 from knoxd.config import Config
 from knoxd.fetch import FetchRequester
 from knoxd.socket_api.handler import ServerState, Session
-from knoxd.socket_api.listener import ListenerError, activated_sockets, bind_unix
+from knoxd.socket_api.listener import ListenerError, accept, activated_sockets, bind_unix
 from knoxd.socket_api.peer import read_peer
 from knoxd.socket_api.policy import Policy, Unauthorized
 
@@ -299,16 +299,7 @@ async def serve_listener(
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                continue
-            except OSError as exc:
-                # EMFILE and friends: back off briefly instead of spinning.
-                log.warning("accept failed", error=exc.strerror)
-                await trio.sleep(0.1)
-                continue
+            sock, _ = await accept(listener)
             sock.setblocking(False)
             nursery.start_soon(_handle, state, sock, admin)
 
